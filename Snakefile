@@ -1,0 +1,22 @@
+# ctdbench: cross-tokenizer distillation benchmark.
+#   snakemake --cores all                         default config (CPU, offline after install)
+#   snakemake --cores all --configfile workflows/config/smoke.yaml
+#   snakemake plots --cores 1                     figures + summary from existing results only
+from ctdbench import config as ctd_config
+
+configfile: "workflows/config/default.yaml"
+
+ctd_config.validate(config)
+
+include: "workflows/rules/common.smk"
+include: "workflows/rules/data.smk"
+include: "workflows/rules/models.smk"
+include: "workflows/rules/distill.smk"
+include: "workflows/rules/evaluate.smk"
+include: "workflows/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{RESULTS}/summary.csv",

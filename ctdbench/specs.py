@@ -1,0 +1,43 @@
+"""Per-job specs: the slice of the validated config that one workflow job needs.
+
+Rules pass these as JSON, so Snakemake reruns exactly the jobs whose inputs changed (a new
+hyperparameter of one method retrains that method only). ``ctdbench bench`` builds the same specs.
+"""
+
+from __future__ import annotations
+
+RESERVED = {"data", "tokenizers", "teachers", "figures", "logs", "benchmarks"}
+
+
+def teacher_spec(config: dict, name: str) -> dict:
+    t = config["teachers"][name]
+    return {
+        "name": name,
+        "tokenizer": t["tokenizer"],
+        "model": config["models"][t["model"]],
+        "train": t.get("train"),
+        "data": t.get("data", {}),
+        "seed": t.get("seed", 0),
+        "device": config.get("device", "auto"),
+    }
+
+
+def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
+    p = config["pairs"][pair]
+    teacher = config["teachers"][p["teacher"]]
+    return {
+        "config_name": config["name"],
+        "pair": pair,
+        "pair_spec": {**p, "teacher_tokenizer": teacher["tokenizer"]},
+        "student_model": config["models"][p["student_model"]],
+        "method": method,
+        "hparams": config["methods"].get(method, {}),
+        "seed": int(seed),
+        "train": config["distill"]["train"],
+        "data": config["distill"].get("data", {}),
+        "device": config.get("device", "auto"),
+    }
+
+
+def evaluate_spec(config: dict) -> dict:
+    return dict(config.get("evaluate", {}))

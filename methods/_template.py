@@ -1,0 +1,40 @@
+"""<Method name>: <one-line summary> (<authors>, <arXiv id>, <official code URL @ commit>).
+
+Copy this file to ``methods/<name>.py``, add a ``methods: {<name>: {...}}`` block and the name to
+``run.methods`` in a config, and a test file ``tests/methods/test_<name>.py``. Nothing else.
+
+Equations implemented:
+    L = CE(student) + weight * D(teacher, student)      # state every equation you implement
+
+Deviations from the official code (each with the reason):
+    - none yet.
+"""
+
+from __future__ import annotations
+
+from methods import register  # noqa: F401  (uncomment @register below)
+from methods.base import DistillationMethod, token_cross_entropy
+
+
+# @register("my_method")
+class MyMethod(DistillationMethod):
+    needs_teacher = True           # run the teacher on its own tokenization of the same text
+    needs_hidden_states = False    # last hidden states of both models
+
+    def __init__(self, ctx, weight: float = 1.0, temperature: float = 1.0):
+        super().__init__(ctx)
+        self.weight = weight
+        self.temperature = temperature
+        # Trainable parts (heads, projectors) go here as submodules: they train with the
+        # student and never enter the student checkpoint.
+
+    def prepare(self, examples):
+        # CPU work per batch (alignments, targets), vectorised; returned tensors join the batch.
+        return {}
+
+    def loss(self, batch, student_out, teacher_out):
+        ce = token_cross_entropy(
+            student_out.logits, batch["student_input_ids"], batch["student_attention_mask"]
+        )
+        distill = ce.new_zeros(())  # replace with the method's divergence
+        return ce + self.weight * distill, {"ce": ce.item(), "distill": distill.item()}

@@ -1,0 +1,142 @@
+"""The contract every distillation method implements.
+
+A method is an ``nn.Module``: it may own trainable parts (BLD's byte head, DSKD's projectors)
+that train with the student and are never saved into the student checkpoint. The training loop
+(``ctdbench.train``) calls, per optimizer micro-step::
+
+    extras = method.prepare(examples)          # in the collator, on CPU
+    loss, logs = method.loss(batch, student_out, teacher_out)
+
+Class attributes declare what the loop has to compute for the method, so nothing else is run:
+``needs_teacher`` (teacher forward pass on the teacher tokenization) and ``needs_hidden_states``
+(last hidden states of both models).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the pair it distils.
+
+    Attributes:
+        student: the student model (trainable; do not register it as a submodule).
+        teacher: the frozen teacher model, or None when the method needs no teacher.
+        student_token_bytes: exact bytes of every student vocabulary id (None = special).
+        teacher_token_bytes: the same for the teacher vocabulary.
+        same_tokenizer: whether both sides use the same tokenizer.
+        student_special_ids / teacher_special_ids: ids of special tokens (BOS/EOS/PAD ...).
+    """
+
+    student: nn.Module
+    teacher: nn.Module | None
+    student_token_bytes: list[bytes | None]
+    teacher_token_bytes: list[bytes | None]
+    same_tokenizer: bool
+    student_special_ids: list[int] = field(default_factory=list)
+    teacher_special_ids: list[int] = field(default_factory=list)
+
+    @property
+    def student_vocab_size(self) -> int:
+        return self.student.get_output_embeddings().weight.shape[0]
+
+    @property
+    def teacher_vocab_size(self) -> int:
+        return self.teacher.get_output_embeddings().weight.shape[0]
+
+    @property
+    def student_hidden_size(self) -> int:
+        return self.student.config.hidden_size
+
+    @property
+    def teacher_hidden_size(self) -> int:
+        return self.teacher.config.hidden_size
+
+
+class DistillationMethod(nn.Module):
+    """Base class of all methods. Subclasses implement :meth:`loss`."""
+
+    needs_teacher: ClassVar[bool] = True
+    needs_hidden_states: ClassVar[bool] = False
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__()
+        # A plain attribute, not a submodule: the student and teacher weights must not appear
+        # in this module's parameters or state_dict.
+        self.ctx = ctx
+
+    @classmethod
+    def from_config(cls, ctx: MethodContext, hparams: dict[str, Any], *, name: str):
+        """Build from config hyperparameters, naming any unknown key."""
+        check_hparams(cls, hparams, name=name)
+        method = cls(ctx, **hparams)
+        method.name = name
+        return method
+
+    def prepare(self, examples: list) -> dict[str, torch.Tensor]:
+        """Collator hook (CPU, data-loader side): precompute alignments, byte targets, ...
+
+        Args:
+            examples: the batch's ``ctdbench.data.PairedExample`` objects.
+
+        Returns:
+            Extra tensors merged into the batch dict.
+        """
+        return {}
+
+    def loss(self, batch: dict, student_out, teacher_out) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar training loss and the floats to log.
+
+        Args:
+            batch: tensors from ``ctdbench.data.collate`` (``student_input_ids`` [B, Ls],
+                ``student_attention_mask`` [B, Ls], byte spans, the teacher's counterparts) plus
+                whatever :meth:`prepare` returned.
+            student_out: the student's Hugging Face output (``logits`` [B, Ls, Vs]; plus
+                ``hidden_states`` if ``needs_hidden_states``).
+            teacher_out: the teacher's output on the teacher tokenization (``logits``
+                [B, Lt, Vt]), or None if ``needs_teacher`` is False.
+        """
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups of the method's own trainable parts (may set ``lr``)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params}] if params else []
+
+
+def check_hparams(cls: type, hparams: dict[str, Any], *, name: str) -> None:
+    """Raise ValueError naming unknown or missing hyperparameters of method ``name``."""
+    sig = inspect.signature(cls.__init__)
+    accepted = [p for p in list(sig.parameters)[2:]]  # skip self, ctx
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"methods.{name}: unknown hyperparameter(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(accepted) or '(none)'}"
+        )
+    missing = [
+        p.name for p in list(sig.parameters.values())[2:]
+        if p.default is inspect.Parameter.empty and p.name not in hparams
+    ]
+    if missing:
+        raise ValueError(f"methods.{name}: missing hyperparameter(s) {', '.join(missing)}")
+
+
+def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over real target tokens.
+
+    Args:
+        logits: [B, L, V]; position t predicts ``input_ids[:, t + 1]``.
+        input_ids: [B, L].
+        mask: [B, L] attention mask; a target counts if it is a real token.
+    """
+    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

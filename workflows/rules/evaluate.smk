@@ -1,0 +1,37 @@
+# lm-eval on every student checkpoint and on every teacher, written to fixed-path eval.json.
+
+
+rule evaluate_student:
+    input:
+        model=f"{RUN}/student",
+        data=rules.eval_data.output,
+    output:
+        f"{RUN}/eval.json",
+    params:
+        spec=as_arg(ctd_specs.evaluate_spec(config)),
+    threads: 1
+    log:
+        f"{LOGS}/evaluate/{{pair}}/{{method}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{pair}}/{{method}}/seed{{seed}}.tsv"
+    shell:
+        "ctdbench evaluate --spec {params.spec} --model {input.model} --data {RESULTS}/data/eval"
+        " --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate_teacher:
+    input:
+        model=f"{RESULTS}/teachers/{{teacher}}/model",
+        data=rules.eval_data.output,
+    output:
+        f"{RESULTS}/teachers/{{teacher}}/eval.json",
+    params:
+        spec=as_arg(ctd_specs.evaluate_spec(config)),
+    threads: 1
+    log:
+        f"{LOGS}/evaluate/teacher_{{teacher}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/teacher_{{teacher}}.tsv"
+    shell:
+        "ctdbench evaluate --spec {params.spec} --model {input.model} --data {RESULTS}/data/eval"
+        " --out {output} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,39 @@
+# Tokenizers trained on the train split; the teacher pretrained from scratch (its own budget).
+
+
+rule tokenizer:
+    input:
+        rules.corpus.output.train,
+    output:
+        directory(f"{RESULTS}/tokenizers/{{tokenizer}}"),
+    params:
+        spec=lambda w: as_arg(config["tokenizers"][w.tokenizer]),
+    log:
+        f"{LOGS}/tokenizer_{{tokenizer}}.log",
+    benchmark:
+        f"{BENCH}/tokenizer_{{tokenizer}}.tsv"
+    shell:
+        "ctdbench tokenizer --spec {params.spec} --train {input} --out {output} > {log} 2>&1"
+
+
+rule teacher:
+    input:
+        train=rules.corpus.output.train,
+        validation=rules.corpus.output.validation,
+        tokenizer=lambda w: f"{RESULTS}/tokenizers/{tokenizer_of_teacher(w.teacher)}",
+    output:
+        model=directory(f"{RESULTS}/teachers/{{teacher}}/model"),
+        run=f"{RESULTS}/teachers/{{teacher}}/run.json",
+    params:
+        spec=lambda w: as_arg(ctd_specs.teacher_spec(config, w.teacher)),
+        out=lambda w: f"{RESULTS}/teachers/{w.teacher}",
+    threads: workflow.cores
+    resources:
+        gpu=lambda w: 1 if config.get("device") == "cuda" else 0,
+    log:
+        f"{LOGS}/teacher_{{teacher}}.log",
+    benchmark:
+        f"{BENCH}/teacher_{{teacher}}.tsv"
+    shell:
+        "ctdbench teacher --spec {params.spec} --data {RESULTS}/data --tokenizer {input.tokenizer}"
+        " --out {params.out} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,30 @@
+# results/ -> summary.csv + figures. `snakemake plots` regenerates them from whatever results
+# exist, without (re)training anything.
+
+
+rule summary:
+    input:
+        evals=all_runs("eval.json"),
+        runs=all_runs("run.json"),
+        teachers=expand(f"{RESULTS}/teachers/{{teacher}}/eval.json", teacher=used_teachers()),
+    output:
+        report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Summary"),
+        figures=report(
+            directory(f"{RESULTS}/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    log:
+        f"{LOGS}/summary.log",
+    benchmark:
+        f"{BENCH}/summary.tsv"
+    shell:
+        "ctdbench report {RESULTS} > {log} 2>&1"
+
+
+rule plots:
+    log:
+        f"{LOGS}/plots.log",
+    shell:
+        "ctdbench report {RESULTS} 2>&1 | tee {log}"
