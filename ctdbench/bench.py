@@ -48,6 +48,7 @@ def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeat
     from ctdbench import cli, specs
     from ctdbench.data import PairedDataset, collate
     from ctdbench.models import build_model
+    from ctdbench.teacher import OnlineTeacher
     from ctdbench.train import TrainConfig, make_optimizer, step_loss
     from methods.base import MethodContext
 
@@ -72,7 +73,7 @@ def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeat
     def step() -> float:
         t0 = time.perf_counter()
         batch = collate(examples, data, method)  # the collator's work is part of a step
-        loss, _ = step_loss(student, method, teacher, batch, force_teacher=method_name == FLOOR)
+        loss, _ = step_loss(student, method, OnlineTeacher(teacher), batch, force_teacher=method_name == FLOOR)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

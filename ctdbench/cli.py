@@ -101,13 +101,14 @@ def _side(tokenizer_dir: str):
 
 
 def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_name: str, hparams: dict,
-               model_spec: dict, model_dir: Path) -> dict:
+               model_spec: dict, model_dir: Path, teacher_cache: str | None = None) -> dict:
     """Shared by teacher pretraining and distillation: build data, model, method; train; save."""
     import torch
 
     import methods
     from ctdbench.data import PairedDataset
     from ctdbench.models import build_model
+    from ctdbench.teacher import CachedTeacher, OnlineTeacher
     from ctdbench.train import TrainConfig, train
     from methods.base import MethodContext
 
@@ -135,10 +136,13 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"] + 7919)
         method = methods.build(method_name, ctx, hparams)
-    out = Path(args.out)
+    source = None
+    if teacher is not None:
+        source = CachedTeacher(teacher_cache, train_data, device) if teacher_cache else OnlineTeacher(teacher)
     cfg = TrainConfig(**spec["train"])
-    summary = train(student, method, train_data, cfg, out, seed=spec["seed"], teacher=teacher,
+    summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
                     val_data=val_data, progress=not args.quiet)
+    summary["teacher_source"] = None if source is None else ("cache" if source.cached else "online")
     # The method (and any head it owns) is not saved: the checkpoint is a plain HF model.
     student.save_pretrained(model_dir)
     student_side.tokenizer.save_pretrained(model_dir)
@@ -170,12 +174,27 @@ def cmd_distill(args) -> None:
     teacher = load_model(Path(args.teacher) / "model")
     summary = _train_run(spec, args, student_side=student_side, teacher_side=teacher_side, teacher=teacher,
                          method_name=spec["method"], hparams=spec["hparams"], model_spec=spec["student_model"],
-                         model_dir=Path(args.out) / "student")
+                         model_dir=Path(args.out) / "student", teacher_cache=args.teacher_cache)
     run = {
         "config_name": spec["config_name"], "pair": spec["pair"], "method": spec["method"], "seed": spec["seed"],
         "pair_spec": spec["pair_spec"], **summary, "spec": spec, **provenance(),
     }
     _write_json(Path(args.out) / "run.json", run)
+
+
+def cmd_teacher_cache(args) -> None:
+    import torch
+
+    from ctdbench.data import PairedDataset
+    from ctdbench.models import load_model
+    from ctdbench.teacher import build_cache
+
+    torch.set_num_threads(args.threads)
+    spec = json.loads(args.spec)
+    side = _side(args.tokenizer)
+    data = PairedDataset(_segments(Path(args.data), "train", spec["data"], "train_bytes"), side, teacher=side)
+    model = load_model(Path(args.teacher) / "model").to(_device(spec["device"]))
+    build_cache(model, data, Path(args.out))
 
 
 def cmd_eval_data(args) -> None:
@@ -251,6 +270,15 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--teacher", required=True, help="teacher run folder (holds model/)")
             p.add_argument("--teacher-tokenizer", required=True)
             p.add_argument("--student-tokenizer", required=True)
+            p.add_argument("--teacher-cache", default=None, help="teacher cache folder (default: run online)")
+
+    p = stage("teacher-cache", cmd_teacher_cache, "precompute the teacher's logits on the training segments")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--tokenizer", required=True, help="the teacher's tokenizer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1)
 
     p = stage("eval-data", cmd_eval_data, "build the local lm-eval task data from the test split")
     p.add_argument("--spec", required=True)

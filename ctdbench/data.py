@@ -174,10 +174,18 @@ class Schedule:
         return self._perm(epoch)[k * self.batch_size : (k + 1) * self.batch_size].tolist()
 
 
-def stream_digest(dataset: PairedDataset, schedule: Schedule, steps: int) -> str:
-    """sha256 of the exact byte stream the schedule feeds in ``steps`` steps (budget proof)."""
-    h = hashlib.sha256()
-    for step in range(steps):
-        for i in schedule.indices(step):
-            h.update(dataset[i].text)
+def chain_digest(previous: str, texts: list[bytes]) -> str:
+    """Extend a running sha256 chain by the texts of one batch (resumable: it is just a string)."""
+    h = hashlib.sha256(previous.encode())
+    for t in texts:
+        h.update(len(t).to_bytes(8, "little"))
+        h.update(t)
     return h.hexdigest()
+
+
+def stream_digest(dataset: PairedDataset, schedule: Schedule, steps: int) -> str:
+    """The digest of the byte stream the schedule feeds in ``steps`` steps (budget proof)."""
+    digest = ""
+    for step in range(steps):
+        digest = chain_digest(digest, [dataset[i].text for i in schedule.indices(step)])
+    return digest

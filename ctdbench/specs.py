@@ -41,3 +41,7 @@ def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
 
 def evaluate_spec(config: dict) -> dict:
     return dict(config.get("evaluate", {}))
+
+
+def teacher_cache_spec(config: dict) -> dict:
+    return {"data": config["distill"].get("data", {}), "device": config.get("device", "auto")}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ctdbench.data import PairedDataset, Schedule, collate, stream_digest
+from ctdbench.data import PairedDataset, Schedule, chain_digest, collate
 
 
 @dataclass
@@ -104,17 +104,15 @@ def validation_bpb(model: torch.nn.Module, data: PairedDataset, batch_size: int 
 def step_loss(student, method, teacher, batch: dict, *, force_teacher: bool = False):
     """Forward passes of one micro-batch and the method's loss: ``(loss, logs)``.
 
-    ``force_teacher`` runs the teacher even for methods that do not need it (the benchmark's
-    floor step: teacher forward + student SFT).
+    Args:
+        teacher: an ``OnlineTeacher`` or ``CachedTeacher`` (``ctdbench.teacher``), or None.
+        force_teacher: run the teacher even for a method that does not need it (the benchmark's
+            floor step: teacher forward + student SFT).
     """
     hidden = method.needs_hidden_states
     teacher_out = None
     if method.needs_teacher or force_teacher:
-        with torch.no_grad():
-            teacher_out = teacher(
-                input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                output_hidden_states=hidden,
-            )
+        teacher_out = teacher(batch, hidden_states=hidden)
     student_out = student(
         input_ids=batch["student_input_ids"], attention_mask=batch["student_attention_mask"],
         output_hidden_states=hidden,
@@ -159,7 +157,7 @@ def train(
     out_dir: Path,
     *,
     seed: int,
-    teacher: torch.nn.Module | None = None,
+    teacher=None,
     val_data: PairedDataset | None = None,
     progress: bool = True,
 ) -> dict:
@@ -172,7 +170,7 @@ def train(
         cfg: the shared optimisation budget.
         out_dir: run directory (``train_log.jsonl``, ``checkpoint/``).
         seed: selects the sample order.
-        teacher: frozen teacher, required if ``method.needs_teacher``.
+        teacher: teacher outputs source (``ctdbench.teacher``), required if ``method.needs_teacher``.
         val_data: segments for the validation bits-per-byte learning curve.
     """
     out_dir = Path(out_dir)
@@ -183,8 +181,6 @@ def train(
         raise ValueError("the method needs a teacher but the dataset has no teacher tokenization")
     device = next(student.parameters()).device
     method.to(device)
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
     student.train()
     method.train()
 
@@ -193,7 +189,7 @@ def train(
     ckpt = Checkpointer(out_dir)
     log_path = out_dir / "train_log.jsonl"
     counters = dict(optimizer_steps=0, documents=0, text_bytes=0, student_tokens=0,
-                    teacher_tokens=0, teacher_forward_passes=0)
+                    teacher_tokens=0, teacher_forward_passes=0, stream_sha256="")
     elapsed = 0.0
 
     state = ckpt.load()
@@ -236,12 +232,12 @@ def train(
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         terms: dict[str, float] = {}
-        total_loss, step_tokens = 0.0, 0
+        total_loss, step_tokens, step_texts = 0.0, 0, []
         for m in range(cfg.grad_accum):
             batch = _to(next(batches), device)
             loss, logs = step_loss(student, method, teacher, batch)
             if method.needs_teacher:
-                counters["teacher_forward_passes"] += 1
+                counters["teacher_forward_passes"] += 0 if teacher.cached else 1
                 counters["teacher_tokens"] += int(batch["teacher_attention_mask"].sum())
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -256,12 +252,14 @@ def train(
             step_tokens += n_tok
             counters["student_tokens"] += n_tok
             counters["documents"] += len(batch["index"])
+            step_texts += [data[i].text for i in batch["index"].tolist()]
             counters["text_bytes"] += int(batch["n_bytes"].sum())
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         counters["optimizer_steps"] = step + 1
+        counters["stream_sha256"] = chain_digest(counters["stream_sha256"], step_texts)
         dt = time.perf_counter() - t0
         elapsed += dt
         bar.update(1)
@@ -272,8 +270,9 @@ def train(
             log({"step": done, "bytes_seen": counters["text_bytes"], "lr": optimizer.param_groups[0]["lr"],
                  "loss": total_loss, "grad_norm": grad_norm, "tokens_per_second": step_tokens / dt,
                  "terms": terms})
-        if val_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            log({"step": done, "bytes_seen": counters["text_bytes"], "val_bpb": validation_bpb(student, val_data)})
+        if val_data is not None and (done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+            last_val = validation_bpb(student, val_data)
+            log({"step": done, "bytes_seen": counters["text_bytes"], "val_bpb": last_val})
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             ckpt.save({"student": student.state_dict(), "method": method.state_dict(),
                        "optimizer": optimizer.state_dict(), "counters": counters, "elapsed": elapsed,
@@ -282,10 +281,10 @@ def train(
 
     steps = counters["optimizer_steps"]
     summary = {
-        "budget": {**counters, "stream_sha256": stream_digest(data, schedule, steps)},
+        "budget": dict(counters),
         "timing": {
             "wall_seconds": elapsed,
-            "seconds_per_step": elapsed / max(1, steps - 0),
+            "seconds_per_step": elapsed / max(1, steps),
             "tokens_per_second": counters["student_tokens"] / elapsed if elapsed else 0.0,
         },
         "memory": {
@@ -294,7 +293,7 @@ def train(
         },
         "train_config": asdict(cfg),
     }
-    if val_data is not None:
-        summary["final_val_bpb"] = validation_bpb(student, val_data)
+    if val_data is not None and start_step < cfg.steps:
+        summary["final_val_bpb"] = last_val
     ckpt.remove()
     return summary

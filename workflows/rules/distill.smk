@@ -1,5 +1,27 @@
 # One student per (pair, method, seed), all through the one training loop.
 
+USE_CACHE = config["distill"]["teacher_cache"]
+
+
+rule teacher_cache:
+    input:
+        train=rules.corpus.output.train,
+        teacher=f"{RESULTS}/teachers/{{teacher}}/model",
+        tokenizer=lambda w: f"{RESULTS}/tokenizers/{tokenizer_of_teacher(w.teacher)}",
+    output:
+        directory(f"{RESULTS}/teachers/{{teacher}}/cache"),
+    params:
+        spec=as_arg(ctd_specs.teacher_cache_spec(config)),
+        teacher_dir=f"{RESULTS}/teachers/{{teacher}}",
+    threads: workflow.cores
+    log:
+        f"{LOGS}/teacher_cache_{{teacher}}.log",
+    benchmark:
+        f"{BENCH}/teacher_cache_{{teacher}}.tsv"
+    shell:
+        "ctdbench teacher-cache --spec {params.spec} --data {RESULTS}/data --teacher {params.teacher_dir}"
+        " --tokenizer {input.tokenizer} --out {output} --threads {threads} > {log} 2>&1"
+
 
 rule distill:
     input:
@@ -8,6 +30,7 @@ rule distill:
         teacher=lambda w: f"{RESULTS}/teachers/{teacher_of(w.pair)}/model",
         teacher_tokenizer=lambda w: f"{RESULTS}/tokenizers/{tokenizer_of_teacher(teacher_of(w.pair))}",
         student_tokenizer=lambda w: f"{RESULTS}/tokenizers/{config['pairs'][w.pair]['student_tokenizer']}",
+        cache=lambda w: [f"{RESULTS}/teachers/{teacher_of(w.pair)}/cache"] if USE_CACHE else [],
     output:
         student=directory(f"{RUN}/student"),
         run=f"{RUN}/run.json",
@@ -16,6 +39,7 @@ rule distill:
         spec=lambda w: as_arg(ctd_specs.distill_spec(config, w.pair, w.method, w.seed)),
         out=RUN,
         teacher_dir=lambda w: f"{RESULTS}/teachers/{teacher_of(w.pair)}",
+        cache=lambda w, input: f"--teacher-cache {input.cache[0]}" if input.cache else "",
     threads: config["distill"]["threads"]
     resources:
         gpu=lambda w: 1 if config.get("device") == "cuda" else 0,
@@ -26,4 +50,4 @@ rule distill:
     shell:
         "ctdbench distill --spec {params.spec} --data {RESULTS}/data --teacher {params.teacher_dir}"
         " --teacher-tokenizer {input.teacher_tokenizer} --student-tokenizer {input.student_tokenizer}"
-        " --out {params.out} --threads {threads} > {log} 2>&1"
+        " --out {params.out} --threads {threads} {params.cache} > {log} 2>&1"
