@@ -1,0 +1,106 @@
+"""Exact chunk alignment: tiling, equal bytes, finest chunks, edge cases, vs a naive walk."""
+
+import random
+
+import pytest
+
+from ctdbench.align import chunks
+
+
+def naive_chunks(tt, ts):
+    """tokenkit-style two-pointer walk over cumulative byte lengths (specials skipped)."""
+    t = [(i, b) for i, b in enumerate(tt) if b is not None]
+    s = [(j, b) for j, b in enumerate(ts) if b is not None]
+    out, i, j, ct, cs, si, sj = [], 0, 0, 0, 0, 0, 0
+    while i < len(t) and j < len(s):
+        if ct + len(t[i][1]) == cs + len(s[j][1]):
+            ct += len(t[i][1]); cs += len(s[j][1]); i += 1; j += 1
+            while i < len(t) and len(t[i][1]) == 0:
+                i += 1
+            while j < len(s) and len(s[j][1]) == 0:
+                j += 1
+            out.append((t[si][0], t[i - 1][0] + 1, s[sj][0], s[j - 1][0] + 1))
+            si, sj = i, j
+        elif ct + len(t[i][1]) < cs + len(s[j][1]):
+            ct += len(t[i][1]); i += 1
+        else:
+            cs += len(s[j][1]); j += 1
+    return out
+
+
+def random_split(data: bytes, rng, max_piece=5):
+    pieces, k = [], 0
+    while k < len(data):
+        n = rng.randint(1, max_piece)
+        pieces.append(data[k : k + n])
+        k += n
+    return pieces
+
+
+def check(tt, ts):
+    got = chunks(tt, ts)
+    join = lambda toks, a, b: b"".join(x for x in toks[a:b] if x is not None)
+    for i0, i1, j0, j1 in got:
+        assert join(tt, i0, i1) == join(ts, j0, j1)
+    # tiling: every non-special token in exactly one chunk, in order
+    for toks, (a, b) in ((tt, (0, 1)), (ts, (2, 3))):
+        covered = [k for c in got for k in range(c[a], c[b]) if toks[k] is not None]
+        assert covered == [k for k, x in enumerate(toks) if x is not None]
+    return got
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_tokenizations_match_the_naive_walk(seed):
+    rng = random.Random(seed)
+    text = bytes(rng.choice(b"ab c\xc3\xa9\xe6\x9d\xb1") for _ in range(rng.randint(1, 60)))
+    tt, ts = random_split(text, rng), random_split(text, rng, 3)
+    if rng.random() < 0.5:
+        tt = [None] + tt  # BOS on one side only
+    if rng.random() < 0.5:
+        ts = ts + [None]  # EOS on the other
+    got = check(tt, ts)
+    assert got == naive_chunks(tt, ts)
+    # finest: no boundary shared by both sides falls strictly inside a chunk
+    ends_t = {sum(len(x) for x in tt[:k] if x is not None) for k in range(len(tt) + 1)}
+    ends_s = {sum(len(x) for x in ts[:k] if x is not None) for k in range(len(ts) + 1)}
+    shared = ends_t & ends_s
+    start = 0
+    for i0, i1, j0, j1 in got:
+        size = sum(len(x) for x in tt[i0:i1] if x is not None)
+        assert not any(start < b < start + size for b in shared)
+        start += size
+
+
+def test_identical_tokenizations_give_one_chunk_per_token():
+    toks = [b"The", b" cat", b" sat", b"\n"]
+    assert chunks(toks, toks) == [(k, k + 1, k, k + 1) for k in range(4)]
+
+
+def test_sentencepiece_dummy_prefix_and_one_sided_specials():
+    teacher = [None, b"Hello", b" world", b"!"]            # BOS, byte-level BPE
+    student = [None, b" Hel", b"lo", b" wor", b"ld!", None]  # BOS, dummy prefix, EOS
+    assert chunks(teacher, student) == [(1, 2, 1, 3), (2, 4, 3, 5)]
+
+
+def test_multibyte_character_split_across_byte_level_tokens():
+    emoji = "🙂".encode()
+    teacher = [b" a", emoji[:2], emoji[2:], b"b"]
+    student = [b" a", emoji + b"b"]
+    assert chunks(teacher, student) == [(0, 1, 0, 1), (1, 4, 1, 2)]
+
+
+def test_byte_fallback_tokens():
+    text = "東京".encode()
+    teacher = [text]
+    student = [bytes([b]) for b in text]  # <0xE6> <0x9D> ... byte-fallback pieces
+    assert chunks(teacher, student) == [(0, 1, 0, 6)]
+
+
+def test_different_text_is_refused():
+    with pytest.raises(ValueError, match="different bytes"):
+        chunks([b"abc"], [b"abd"])
+
+
+def test_empty_and_special_only():
+    assert chunks([None], [None, None]) == []
+    assert chunks([], []) == []
