@@ -1,0 +1,176 @@
+"""ALM: Approximate Likelihood Matching (Minixhofer, Vulić, Ponti; arXiv 2503.20083).
+
+Reimplemented in PyTorch from tokenkit (bminixhofer/tokenkit @ bcacdef43f,
+``tokenkit/training/losses.py::compute_alm_loss``), in its recommended configuration
+(``losses=[sft, alm_unconstrained]``, ``alm_mode=merge_by_space_prob+append_space``, threshold 0.1,
+``binary_ce``, tau 100, numerator = denominator = chunk count). Shared notes: baselines.md §2.
+
+Chunks c are the finest spans where both tokenizations cover the same bytes (``ctdbench.align``).
+With l_T, l_S the log-softmax of each model (fp32, clipped at 0):
+
+    L_T(c)   = min(0, sum_{teacher tokens t in c} l_T(t | prefix))           (likewise L_S)
+    sigma(t) = log sum_{v in Space} p(v | prefix up to t)   Space = tokens whose first byte is a
+               space, newline or tab, or special tokens (space+tab+newline+special)
+    merge:   a chunk boundary survives only where exp(sigma_T(last teacher token of c)) > 0.1;
+             chunks between surviving boundaries are merged (sums of L and of token counts)
+    append:  z_T = L_T + sigma_T(last token), z_S = L_S + sigma_S(last token)
+    loss_c = BCE(Bern(exp(z_T / tau)) || Bern(exp(z_S / tau))) with a = z_T/tau - eps, b = z_S/tau - eps:
+             -(e^a * b + (1 - e^a) * log(1 - e^b)),  tau = 100, eps = 1e-6
+    L_ALM  = mean of loss_c over valid merged chunks
+
+Registered as ``alm`` (L_ALM alone) and ``alm+sft`` (L_ALM and the student's CE, combined by a
+plain mean as tokenkit's default aggregation, or by GradMag ``approx_gradmag_preserve_mag`` with
+``gradmag: true``: w_i = 1 / ||grad of L_i w.r.t. the last transformer layer||, loss =
+sum w_i L_i / sum w_i).
+
+Deviations from tokenkit:
+    - The mean is over valid chunks of the micro-batch, not of the global batch under gradient
+      accumulation (identical when grad_accum = 1, the default).
+    - Alignment comes from byte spans of the same text (our data pipeline) instead of
+      byteified token strings; the chunks are the same (special tokens belong to no chunk).
+    - tokenkit drops chunks whose strings mismatch with a warning; here both sides always spell
+      the same bytes by construction, and a mismatch is an error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctdbench.align import chunks
+from methods import register
+from methods.base import DistillationMethod, token_cross_entropy
+
+SPACE_BYTES = (0x20, 0x0A, 0x09)
+
+
+def space_ids(token_bytes: list[bytes | None]) -> torch.Tensor:
+    """Ids whose bytes start a new pretoken (space, newline, tab) or that are special."""
+    return torch.tensor([i for i, b in enumerate(token_bytes) if b is None or (b and b[0] in SPACE_BYTES)])
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable on both sides of -log 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def chunk_ids(examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token chunk index of each side (-1 = in no chunk): ([B, Lt], [B, Ls])."""
+    width_t = max(len(e.teacher.ids) for e in examples)
+    width_s = max(len(e.student.ids) for e in examples)
+    ct = np.full((len(examples), width_t), -1, dtype=np.int64)
+    cs = np.full((len(examples), width_s), -1, dtype=np.int64)
+    for b, ex in enumerate(examples):
+        side_bytes = [
+            [ex.text[s:e] if e > s else None for s, e in zip(sp.starts, sp.ends)] for sp in (ex.teacher, ex.student)
+        ]
+        for c, (i0, i1, j0, j1) in enumerate(chunks(*side_bytes)):
+            ct[b, i0:i1] = c
+            cs[b, j0:j1] = c
+    return torch.from_numpy(ct), torch.from_numpy(cs)
+
+
+def chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: torch.Tensor, space: torch.Tensor, n_chunks: int):
+    """Chunk log-likelihoods, token counts and the space log-probability after each chunk.
+
+    Args:
+        logits: [B, L, V]; position t predicts token t + 1.
+        ids: [B, L] token ids; chunk: [B, L] chunk index per token (-1 = none).
+        space: [K] ids of the space set.
+        n_chunks: C, the number of chunk columns.
+
+    Returns:
+        L [B, C] (clipped at 0), n [B, C] token counts, sigma [B, C] at each chunk's last token.
+    """
+    logp = logits.float().log_softmax(-1).clamp(max=0)
+    token_lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)             # [B, L-1]
+    target_chunk = chunk[:, 1:]
+    valid = target_chunk >= 0
+    col = torch.where(valid, target_chunk, n_chunks)                              # dump column C
+    B = ids.shape[0]
+    L = logp.new_zeros(B, n_chunks + 1).scatter_add_(1, col, token_lp * valid)[:, :n_chunks].clamp(max=0)
+    n = logp.new_zeros(B, n_chunks + 1).scatter_add_(1, col, valid.to(logp.dtype))[:, :n_chunks]
+    sigma_tok = (torch.logsumexp(logits.float()[..., space], -1) - torch.logsumexp(logits.float(), -1)).clamp(max=0)
+    pos = torch.arange(chunk.shape[1], device=chunk.device).expand_as(chunk)
+    col_all = torch.where(chunk >= 0, chunk, n_chunks)
+    last = torch.zeros(B, n_chunks + 1, dtype=torch.long, device=chunk.device).scatter_reduce_(
+        1, col_all, pos, reduce="amax", include_self=True)[:, :n_chunks]
+    return L, n, sigma_tok.gather(1, last)
+
+
+def merge_by_space_prob(LT, LS, n, sT, sS, threshold: float):
+    """Merge chunks until the teacher's space probability after them exceeds ``threshold``."""
+    keep = (sT.exp() > threshold).long()
+    group = keep.cumsum(-1) - keep                       # exclusive cumsum: kept chunk closes its group
+    C = LT.shape[1]
+    valid = n > 0
+    gcol = torch.where(valid, group, C)
+    merged = [x.new_zeros(x.shape[0], C + 1).scatter_add_(1, gcol, x * valid)[:, :C] for x in (LT, LS, n)]
+    idx = torch.arange(C, device=LT.device).expand_as(group)
+    # Last valid chunk of each group: its space probabilities are the merged chunk's.
+    last = torch.full((LT.shape[0], C + 1), -1, dtype=torch.long, device=LT.device)
+    last = last.scatter_reduce_(1, gcol, torch.where(valid, idx, -1), reduce="amax")[:, :C]
+    has = last >= 0
+    take = last.clamp(min=0)
+    return (*merged, sT.gather(1, take) * has, sS.gather(1, take) * has)
+
+
+def alm_loss(teacher_logits, teacher_ids, teacher_chunk, student_logits, student_ids, student_chunk,
+             space_t, space_s, *, tau: float = 100.0, threshold: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
+    """The ALM binary-CE loss, averaged over valid merged chunks (module docstring)."""
+    C = int(max(teacher_chunk.max(), student_chunk.max()).item()) + 1
+    if C <= 0:
+        return student_logits.sum() * 0.0
+    with torch.no_grad():
+        LT, n, sT = chunk_logprobs(teacher_logits, teacher_ids, teacher_chunk, space_t, C)
+    LS, _, sS = chunk_logprobs(student_logits, student_ids, student_chunk, space_s, C)
+    LT, LS, n, sT, sS = merge_by_space_prob(LT, LS, n, sT, sS, threshold)
+    valid = n > 0
+    a = (LT + sT) / tau - eps
+    b = (LS + sS) / tau - eps
+    bce = -(a.exp() * b + (-a.expm1()) * log1mexp(b))
+    return (bce * valid).sum() / valid.sum().clamp(min=1)
+
+
+def last_layer_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters of the last transformer block (for GradMag), found as the last ModuleList."""
+    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return [p for p in blocks[-1][-1].parameters() if p.requires_grad]
+
+
+@register("alm", sft=False)
+@register("alm+sft", sft=True)
+class ALM(DistillationMethod):
+    needs_teacher = True
+
+    def __init__(self, ctx, sft: bool = True, tau: float = 100.0, threshold: float = 0.1, gradmag: bool = False):
+        super().__init__(ctx)
+        self.sft, self.tau, self.threshold, self.gradmag = sft, tau, threshold, gradmag
+        self.register_buffer("space_t", space_ids(ctx.teacher_token_bytes), persistent=False)
+        self.register_buffer("space_s", space_ids(ctx.student_token_bytes), persistent=False)
+
+    def prepare(self, examples):
+        ct, cs = chunk_ids(examples)
+        return {"alm_chunk_teacher": ct, "alm_chunk_student": cs}
+
+    def loss(self, batch, student_out, teacher_out):
+        alm = alm_loss(teacher_out.logits, batch["teacher_input_ids"], batch["alm_chunk_teacher"],
+                       student_out.logits, batch["student_input_ids"], batch["alm_chunk_student"],
+                       self.space_t, self.space_s, tau=self.tau, threshold=self.threshold)
+        logs = {"alm": alm.item()}
+        if not self.sft:
+            return alm, logs
+        ce = token_cross_entropy(student_out.logits, batch["student_input_ids"], batch["student_attention_mask"])
+        logs["ce"] = ce.item()
+        if not self.gradmag:
+            return (ce + alm) / 2, logs
+        params = last_layer_parameters(self.ctx.student)
+        weights = []
+        for term in (ce, alm):
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+            weights.append(1.0 / (norm + 1e-8))
+        total = sum(weights)
+        logs.update(w_ce=(weights[0] / total).item(), w_alm=(weights[1] / total).item())
+        return (weights[0] * ce + weights[1] * alm) / total, logs

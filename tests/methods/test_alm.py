@@ -1,0 +1,126 @@
+"""ALM: the loss against a naive per-chunk implementation of tokenkit's formulas, and properties."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from methods.alm import alm_loss, chunk_ids, log1mexp, merge_by_space_prob
+
+
+def naive_alm(tl, tids, tchunks, sl, sids, schunks, space_t, space_s, tau=100.0, thr=0.1, eps=1e-6):
+    """Per example, per chunk Python loops over the definitions (baselines.md §2.4-2.6)."""
+    losses = []
+    for b in range(tl.shape[0]):
+        lt, ls = tl[b].log_softmax(-1), sl[b].log_softmax(-1)
+        pt, ps = tl[b].softmax(-1), sl[b].softmax(-1)
+        rows = []
+        for (i0, i1, j0, j1) in [c for c in tchunks[b]]:
+            LT = min(0.0, sum(lt[t - 1, tids[b, t]].item() for t in range(i0, i1) if t >= 1))
+            LS = min(0.0, sum(ls[t - 1, sids[b, t]].item() for t in range(j0, j1) if t >= 1))
+            n = sum(1 for t in range(i0, i1) if t >= 1)
+            ST = math.log(pt[i1 - 1, space_t].sum().item())
+            SS = math.log(ps[j1 - 1, space_s].sum().item())
+            rows.append([LT, LS, n, ST, SS])
+        groups, cur = [], []
+        for r in rows:
+            cur.append(r)
+            if math.exp(r[3]) > thr:
+                groups.append(cur)
+                cur = []
+        if cur:
+            groups.append(cur)
+        for g in groups:
+            g = [r for r in g if r[2] > 0]
+            if not g:
+                continue
+            zT = sum(r[0] for r in g) + g[-1][3]
+            zS = sum(r[1] for r in g) + g[-1][4]
+            a, bb = zT / tau - eps, zS / tau - eps
+            losses.append(-(math.exp(a) * bb + (1 - math.exp(a)) * math.log(1 - math.exp(bb))))
+    return sum(losses) / len(losses)
+
+
+def make_batch(seed, B=3, Lt=9, Ls=11, Vt=13, Vs=17):
+    g = torch.Generator().manual_seed(seed)
+    tl, sl = torch.randn(B, Lt, Vt, generator=g) * 3, torch.randn(B, Ls, Vs, generator=g) * 3
+    tids, sids = torch.randint(0, Vt, (B, Lt), generator=g), torch.randint(0, Vs, (B, Ls), generator=g)
+    # Random monotone chunkings: token 0 is BOS (no chunk); the rest tiled in order.
+    tch, sch, tchunks, schunks = -torch.ones(B, Lt, dtype=torch.long), -torch.ones(B, Ls, dtype=torch.long), [], []
+    for b in range(B):
+        nt, ns = Lt - 1 - b, Ls - 1 - b  # ragged: padding at the end
+        C = int(torch.randint(1, min(nt, ns) + 1, (1,), generator=g))
+        cuts_t = sorted(torch.randperm(nt - 1, generator=g)[: C - 1].add(1).tolist())
+        cuts_s = sorted(torch.randperm(ns - 1, generator=g)[: C - 1].add(1).tolist())
+        bt, bs = [0, *cuts_t, nt], [0, *cuts_s, ns]
+        tchunks.append([(bt[c] + 1, bt[c + 1] + 1, bs[c] + 1, bs[c + 1] + 1) for c in range(C)])
+        for c, (i0, i1, j0, j1) in enumerate(tchunks[-1]):
+            tch[b, i0:i1], sch[b, j0:j1] = c, c
+    return tl, tids, tch, tchunks, sl, sids, sch
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.5, 1.01])
+def test_alm_matches_naive_definition(seed, threshold):
+    tl, tids, tch, tchunks, sl, sids, sch = make_batch(seed)
+    space_t, space_s = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 7, 11])
+    got = alm_loss(tl, tids, tch, sl, sids, sch, space_t, space_s, threshold=threshold)
+    want = naive_alm(tl, tids, tchunks, sl, sids, None, space_t, space_s, thr=threshold)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-9)
+
+
+def test_merge_threshold_edges():
+    # threshold > 1: nothing survives -> everything merges into one group per example;
+    # threshold 0: every chunk is its own group.
+    tl, tids, tch, tchunks, sl, sids, sch = make_batch(0)
+    space = torch.tensor([0, 1])
+    C = int(tch.max()) + 1
+    from methods.alm import chunk_logprobs
+    LT, n, sT = chunk_logprobs(tl, tids, tch, space, C)
+    LS, _, sS = chunk_logprobs(sl, sids, sch, space, C)
+    merged = merge_by_space_prob(LT, LS, n, sT, sS, threshold=2.0)
+    assert ((merged[2] > 0).sum(1) == 1).all() and torch.allclose(merged[0][:, 0], (LT * (n > 0)).sum(1))
+    merged = merge_by_space_prob(LT, LS, n, sT, sS, threshold=0.0)
+    assert torch.allclose(merged[0], LT * (n > 0)) and torch.equal(merged[2], n)
+
+
+def test_alm_near_minimum_for_identical_models():
+    tl, tids, tch, *_ = make_batch(3, Lt=10, Ls=10)
+    space = torch.tensor([0, 3])
+    same = alm_loss(tl, tids, tch, tl, tids, tch, space, space)
+    other = alm_loss(tl, tids, tch, tl.roll(1, -1), tids, tch, space, space)
+    # BCE of a distribution with itself is its entropy: the minimum over student likelihoods.
+    tl2 = tl.clone().requires_grad_(True)
+    loss = alm_loss(tl, tids, tch, tl2, tids, tch, space, space)
+    (grad,) = torch.autograd.grad(loss, tl2)
+    assert grad.abs().max() < 1e-6
+    assert same < other
+
+
+def test_gradients_reach_student_logits_only():
+    tl, tids, tch, tchunks, sl, sids, sch = make_batch(1)
+    tl, sl = tl.requires_grad_(True), sl.requires_grad_(True)
+    loss = alm_loss(tl, tids, tch, sl, sids, sch, torch.tensor([0]), torch.tensor([0]))
+    loss.backward()
+    assert tl.grad is None or tl.grad.abs().sum() == 0
+    assert sl.grad.abs().sum() > 0
+
+
+def test_log1mexp_is_stable():
+    x = torch.tensor([-1e-12, -1e-6, -0.5, -0.7, -5.0, -50.0], dtype=torch.float64)
+    assert torch.allclose(log1mexp(x), torch.log(1 - torch.exp(x)), rtol=1e-6)
+    assert torch.isfinite(log1mexp(torch.tensor([-1e-30]))).all()
+
+
+def test_chunk_ids_from_spans():
+    text = "Hello world!".encode()
+    sp = lambda starts, ends, ids: SimpleNamespace(ids=ids, starts=starts, ends=ends)
+    ex = SimpleNamespace(
+        text=text,
+        teacher=sp([0, 0, 5, 11], [0, 5, 11, 12], [9, 1, 2, 3]),            # BOS Hello| world|!
+        student=sp([0, 0, 3, 5, 9], [0, 3, 5, 9, 12], [9, 1, 2, 3, 4]),     # BOS Hel|lo| wor|ld!
+    )
+    ct, cs = chunk_ids([ex])
+    assert ct.tolist() == [[-1, 0, 1, 1]]
+    assert cs.tolist() == [[-1, 0, 0, 1, 1]]
