@@ -131,11 +131,7 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
         student_special_ids=list(student_side.tokenizer.all_special_ids),
         teacher_special_ids=list(teacher_side.tokenizer.all_special_ids) if teacher_side else [],
     )
-    # The method's own parameters get their own seeded stream, so the student initialisation is
-    # the same for every method of a seed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec["seed"] + 7919)
-        method = methods.build(method_name, ctx, hparams)
+    method = methods.build(method_name, ctx, hparams, seed=spec["seed"])
     source = None
     if teacher is not None:
         source = CachedTeacher(teacher_cache, train_data, device) if teacher_cache else OnlineTeacher(teacher)

@@ -59,7 +59,15 @@ def get(name: str) -> tuple[type, dict]:
         raise KeyError(f"unknown method '{name}'; available: {', '.join(available())}") from None
 
 
-def build(name: str, ctx, hparams: dict | None = None):
-    """Instantiate method ``name`` with its registered defaults overridden by ``hparams``."""
+def build(name: str, ctx, hparams: dict | None = None, *, seed: int = 0):
+    """Instantiate method ``name`` with its registered defaults overridden by ``hparams``.
+
+    The method's own parameters (heads, projectors) are initialised from their own seeded
+    stream, so building a method never shifts the student's initialisation or any other RNG.
+    """
+    import torch
+
     cls, defaults = get(name)
-    return cls.from_config(ctx, {**defaults, **(hparams or {})}, name=name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7919)
+        return cls.from_config(ctx, {**defaults, **(hparams or {})}, name=name)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny offline corpus, tokenizers of both families trained on it."""
+
+from pathlib import Path
+
+import pytest
+
+from ctdbench.corpus import read_local
+from ctdbench.data import Side
+from ctdbench.tokbytes import token_bytes
+from ctdbench.tokenizers import train_tokenizer
+
+DATA = Path(__file__).parent / "data"
+SHARED_TOKENIZERS = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    return [d.text for d in read_local(DATA / "tiny_corpus")]
+
+
+@pytest.fixture(scope="session")
+def tokenizers(corpus_texts):
+    """One tokenizer of each kind trained on the tiny corpus."""
+    return {
+        "bytelevel_bpe": train_tokenizer("bytelevel_bpe", corpus_texts, 400),
+        "sentencepiece_bpe": train_tokenizer("sentencepiece_bpe", corpus_texts, 380),
+        "byte": train_tokenizer("byte", corpus_texts),
+    }
+
+
+@pytest.fixture(scope="session")
+def sides(tokenizers):
+    """(student side: SentencePiece-style, teacher side: byte-level BPE)."""
+    make = lambda tok: Side(tok, token_bytes(tok))
+    return make(tokenizers["sentencepiece_bpe"]), make(tokenizers["bytelevel_bpe"])
+
+
+def shared_tokenizer(name: str):
+    """A real tokenizer from ../shared/tokenizers, or skip when that folder is absent."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = SHARED_TOKENIZERS / f"{name}.tokenizer.json"
+    if not path.exists():
+        pytest.skip(f"{path} not available (it lives beside the project, not in it)")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path))
