@@ -4,7 +4,10 @@
 #   snakemake plots --cores 1                     figures + summary from existing results only
 from ctdbench import config as ctd_config
 
-configfile: "workflows/config/default.yaml"
+# A --configfile replaces the default instead of being merged into it (Snakemake would merge
+# the two recursively, leaking default pairs and models into e.g. the smoke config).
+if "name" not in config:
+    configfile: "workflows/config/default.yaml"
 
 ctd_config.validate(config)
 

@@ -133,7 +133,7 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     )
     method = methods.build(method_name, ctx, hparams, seed=spec["seed"])
     source = None
-    if teacher is not None:
+    if method.needs_teacher:
         source = CachedTeacher(teacher_cache, train_data, device) if teacher_cache else OnlineTeacher(teacher)
     cfg = TrainConfig(**spec["train"])
     summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
