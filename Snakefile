@@ -7,7 +7,7 @@ from ctdbench import config as ctd_config
 # A --configfile replaces the default instead of being merged into it (Snakemake would merge
 # the two recursively, leaking default pairs and models into e.g. the smoke config).
 if "name" not in config:
-    configfile: "workflows/config/default.yaml"
+    configfile: f"{workflow.basedir}/workflows/config/default.yaml"
 
 ctd_config.validate(config)
 

@@ -1,137 +1,303 @@
-"""Evaluation: lm-evaluation-harness on a checkpoint, written to a fixed-path ``eval.json``.
+"""Evaluation with lm-evaluation-harness: local task data, and a fixed-path ``eval.json``.
 
-lm-eval's own output files carry timestamps, which a workflow cannot declare, so
-``lm_eval.simple_evaluate`` is called from Python and its result written to the path given.
-Local tasks live in ``workflows/tasks``; their ``__DATA_DIR__`` placeholder is rendered to the
-absolute eval-data folder first.
+Two local tasks live in ``workflows/tasks/`` (see its README):
 
-``eval.json``::
+    ctd_heldout  ``loglikelihood_rolling`` over passages of the held-out split:
+                 word_perplexity, byte_perplexity, bits_per_byte (tokenizer-agnostic).
+    ctd_cloze    4-way multiple choice: which continuation finishes a held-out line?
+                 acc, acc_norm (per character), acc_bytes (per UTF-8 byte).
 
-    {"model_dir": ..., "tasks": {task: {metric: value, metric + "_stderr": value}},
-     "lm_eval": {"version", "n-samples", "higher_is_better", "config"}, "timing": {"seconds"}}
+lm-eval names its own output files with timestamps, which Snakemake cannot track, so
+:func:`evaluate_model` calls ``lm_eval.simple_evaluate`` from Python and writes a small flat JSON
+at the path it is given. Nothing touches the Hugging Face hub: the model and tokenizer are loaded
+from their directory and handed to lm-eval as objects, and the datasets are local JSON files.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
-import math
+import logging
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ctdbench.data import segment_text
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "workflows" / "tasks"
+TASK_DIR = Path(__file__).resolve().parents[1] / "workflows" / "tasks"
+DEFAULT_TASKS = ("ctd_heldout", "ctd_cloze")
+# Placeholders in the task YAMLs: lm-eval resolves relative data_files against its working
+# directory, not the YAML, so the absolute paths are filled in per run.
+DATA_DIR_PLACEHOLDER = "__DATA_DIR__"
+CACHE_DIR_PLACEHOLDER = "__CACHE_DIR__"
+
+N_CHOICES = 4
+CONTEXT_LINES = 2
+# Distractors come from the continuations closest in byte length to the true one; this many
+# neighbours form the "length bucket" they are drawn from.
+LENGTH_NEIGHBOURS = 16
 
 
-def _docs(test_docs) -> list[tuple[str, str]]:
-    return [(d["id"], d["text"]) if isinstance(d, dict) else (d.id, d.text) for d in test_docs]
+def build_eval_data(test_docs: list, out_dir: Path, *, n_cloze: int = 200, seed: int = 0,
+                    passage_bytes: int = 512) -> dict:
+    """Write the data files of the local tasks from the held-out documents.
+
+    ``heldout.jsonl`` holds every held-out byte, cut into passages of at most ``passage_bytes``
+    bytes at line boundaries exactly like the training segments (``ctdbench.data.segment_text``).
+    lm-eval scores each passage with the BOS token in front, as in training. The default of 512
+    bytes matches the default ``segment_bytes`` and fits in one ``max_length=512`` window even for
+    the byte tokenizer, so every model, whatever its tokenizer, predicts each byte from the same
+    text context; passages also make ``limit`` meaningful (a prefix of the split, not one play).
+
+    ``cloze.jsonl`` holds ``n_cloze`` multiple-choice items: the context is the previous
+    ``CONTEXT_LINES`` lines plus the start of a line cut at a space; the true continuation (rest
+    of the line, starting with that space) competes with 3 continuations of other held-out lines
+    of nearly the same byte length, so length gives nothing away; the gold position is random.
+
+    Everything is a pure function of the documents, ``n_cloze``, ``seed`` and ``passage_bytes``.
+
+    Args:
+        test_docs: Held-out documents: objects with ``.id`` and ``.text``, or dicts with those keys.
+        out_dir: Folder to write ``heldout.jsonl`` and ``cloze.jsonl`` into (created).
+        n_cloze: Number of cloze items (fewer if the text has fewer usable lines).
+        seed: Seed of the cloze sampling.
+        passage_bytes: Maximum UTF-8 bytes per held-out passage.
+
+    Returns:
+        Counts: ``heldout_passages``, ``heldout_bytes``, ``cloze_items``.
+    """
+    docs = [_id_text(d) for d in test_docs]
+    passages = [{"id": f"{doc_id}#{k}", "text": piece}
+                for doc_id, text in docs for k, piece in enumerate(segment_text(text, passage_bytes))]
+    items = cloze_items(docs, n_cloze=n_cloze, seed=seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out_dir / "heldout.jsonl", passages)
+    _write_jsonl(out_dir / "cloze.jsonl", items)
+    return {"heldout_passages": len(passages),
+            "heldout_bytes": sum(len(p["text"].encode("utf-8")) for p in passages),
+            "cloze_items": len(items)}
 
 
-def _cloze_items(lines: list[str], n: int, seed: int) -> list[dict]:
-    """Context = two lines + the first half of a line; choices = its second half vs 3 others."""
-    rng = random.Random(seed)
-    candidates = [i for i in range(2, len(lines)) if len(lines[i]) >= 30 and " " in lines[i][10:-5]]
-    halves = {}
-    for i in candidates:
-        line = lines[i]
-        cut = line.rfind(" ", 0, len(line) // 2 + 1)
-        cut = cut if cut > 0 else line.find(" ", len(line) // 2)
-        halves[i] = (line[:cut], line[cut:])  # the second half keeps its leading space
+def cloze_items(docs: list[tuple[str, str]], *, n_cloze: int, seed: int = 0) -> list[dict]:
+    """Deterministic 4-way continuation items (see :func:`build_eval_data`).
+
+    Args:
+        docs: ``(id, text)`` pairs.
+        n_cloze: Number of items wanted.
+        seed: Seed of every random choice (lines, cut points, distractors, gold positions).
+
+    Returns:
+        Items ``{"id", "context", "choices", "gold"}``, ``choices[gold]`` being the true one.
+    """
+    rng = np.random.default_rng(seed)
+    pool = _cloze_pool(docs, rng)
+    if not pool:
+        return []
+    lengths = np.array([len(p["continuation"].encode("utf-8")) for p in pool])
+    tiebreak = rng.random(len(pool))
+    chosen = np.sort(rng.choice(len(pool), size=min(n_cloze, len(pool)), replace=False))
     items = []
-    for i in rng.sample(candidates, min(n, len(candidates))):
-        head, tail = halves[i]
-        # Distractors of similar byte length, so length alone does not give the answer away.
-        pool = [j for j in candidates if j != i and 0.7 <= len(halves[j][1]) / len(tail) <= 1.3
-                and halves[j][1] != tail]
-        if len(pool) < 3:
+    for i in chosen:
+        target = pool[i]
+        order = np.lexsort((tiebreak, np.abs(lengths - lengths[i])))
+        bucket = []
+        for j in order:
+            if len(bucket) == LENGTH_NEIGHBOURS:
+                break
+            other = pool[j]
+            near = other["doc"] == target["doc"] and abs(other["line"] - target["line"]) <= CONTEXT_LINES
+            if not near and other["continuation"] not in {target["continuation"], *bucket}:
+                bucket.append(other["continuation"])
+        if len(bucket) < N_CHOICES - 1:
             continue
-        choices = [tail] + [halves[j][1] for j in rng.sample(pool, 3)]
-        order = list(range(4))
-        rng.shuffle(order)
-        items.append({"context": f"{lines[i - 2]}\n{lines[i - 1]}\n{head}",
-                      "choices": [choices[k] for k in order], "gold": order.index(0)})
+        distractors = [bucket[k] for k in rng.choice(len(bucket), size=N_CHOICES - 1, replace=False)]
+        gold = int(rng.integers(N_CHOICES))
+        items.append({"id": f"{target['doc']}:{target['line'] + 1}", "context": target["context"],
+                      "choices": distractors[:gold] + [target["continuation"]] + distractors[gold:],
+                      "gold": gold})
     return items
 
 
-def build_eval_data(test_docs, out_dir: Path, *, n_cloze: int = 200, seed: int = 0, passage_bytes: int = 2048) -> dict:
-    """Write ``heldout.jsonl`` and ``cloze.jsonl`` for the local tasks from the held-out split.
+def _cloze_pool(docs: list[tuple[str, str]], rng: np.random.Generator) -> list[dict]:
+    """One (context, continuation) candidate per usable line, cut at a random inner space."""
+    pool = []
+    for doc_id, text in docs:
+        lines = text.splitlines()
+        for n in range(CONTEXT_LINES, len(lines)):
+            previous = lines[n - CONTEXT_LINES:n]
+            line = lines[n].rstrip()
+            # Cut before a space that leaves >= 1 word before and >= 2 words after it.
+            cuts = [k for k, ch in enumerate(line) if ch == " " and line[:k].strip()][:-1]
+            if not cuts or not all(p.strip() for p in previous):
+                continue
+            cut = cuts[int(rng.integers(len(cuts)))]
+            pool.append({"doc": doc_id, "line": n, "context": "\n".join(previous + [line[:cut]]),
+                         "continuation": line[cut:]})
+    return pool
 
-    Passages of about ``passage_bytes`` bytes (cut at line ends) keep per-document windows short
-    enough to batch well while covering the whole split.
+
+def _id_text(doc) -> tuple[str, str]:
+    if isinstance(doc, dict):
+        return str(doc["id"]), doc["text"]
+    return str(doc.id), doc.text
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def render_tasks(data_dir: Path, out_dir: Path, task_dir: Path = TASK_DIR) -> Path:
+    """Copy the task YAMLs into ``out_dir`` with the absolute data and cache folders filled in.
+
+    Args:
+        data_dir: Folder holding ``heldout.jsonl`` and ``cloze.jsonl``.
+        out_dir: Include folder to create; the datasets cache goes to ``out_dir/hf_datasets``.
+        task_dir: Folder of the template YAMLs.
+
+    Returns:
+        ``out_dir``, ready for ``TaskManager(include_path=...)``.
     """
-    out_dir = Path(out_dir)
+    data_dir = Path(data_dir).resolve()
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"eval data folder {data_dir} does not exist (run `ctdbench eval-data`)")
+    templates = sorted(Path(task_dir).glob("*.yaml"))
+    if not templates:
+        raise FileNotFoundError(f"no task YAMLs in {task_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs = _docs(test_docs)
-    passages = [{"id": f"{doc_id}/{k}", "text": p} for doc_id, text in docs
-                for k, p in enumerate(segment_text(text, passage_bytes))]
-    lines = [line for _, text in docs for line in text.splitlines() if line.strip()]
-    cloze = _cloze_items(lines, n_cloze, seed)
-    for name, rows in (("heldout", passages), ("cloze", cloze)):
-        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {"heldout_passages": len(passages), "heldout_bytes": sum(len(p["text"].encode()) for p in passages),
-            "cloze_items": len(cloze)}
+    # json.dumps escapes the path for the double-quoted YAML strings holding the placeholders.
+    quoted = lambda p: json.dumps(str(p))[1:-1]
+    for template in templates:
+        text = template.read_text(encoding="utf-8")
+        text = text.replace(DATA_DIR_PLACEHOLDER, quoted(data_dir))
+        text = text.replace(CACHE_DIR_PLACEHOLDER, quoted(out_dir / "hf_datasets"))
+        (out_dir / template.name).write_text(text, encoding="utf-8")
+    return out_dir
 
 
-def _render_tasks(data_dir: Path, target: Path) -> None:
-    for path in TASKS_DIR.glob("*.yaml"):
-        (target / path.name).write_text(path.read_text().replace("__DATA_DIR__", str(Path(data_dir).resolve())))
-
-
-def _flatten(results: dict) -> dict:
-    """lm-eval's ``{"acc,none": x, "acc_stderr,none": s}`` -> ``{"acc": x, "acc_stderr": s}``."""
-    out = {}
-    for task, metrics in results.items():
-        out[task] = {}
-        for key, value in metrics.items():
-            name, _, _filter = key.partition(",")
-            if name not in ("alias", "sample_len") and isinstance(value, (int, float)):
-                out[task][name] = None if isinstance(value, float) and math.isnan(value) else value
-    return out
-
-
-def evaluate_model(model_dir, data_dir, out_path, *, tasks=("ctd_heldout", "ctd_cloze"), batch_size: int = 16,
+def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_size: int = 16,
                    max_length: int | None = None, limit: int | None = None, device: str = "cpu") -> dict:
-    """Run lm-eval on the checkpoint in ``model_dir`` and write ``out_path`` (see module docstring)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local checkpoints and tasks only
+    """Run lm-eval on a saved causal LM and write ``out_path`` (see :func:`read_eval`).
+
+    Args:
+        model_dir: Folder with the model and its tokenizer (``save_pretrained``).
+        data_dir: Folder written by :func:`build_eval_data`.
+        out_path: The JSON file to write (a fixed name, for Snakemake).
+        tasks: lm-eval task names from ``workflows/tasks``.
+        batch_size: lm-eval batch size (rolling windows or choices per forward pass).
+        max_length: Tokens per window; longer documents are scored in disjoint windows of this
+            many predicted tokens. ``None`` uses the model's maximum positions.
+        limit: Documents per task (a prefix, for smoke tests); ``None`` for all.
+        device: Torch device for the model.
+
+    Returns:
+        The dictionary written to ``out_path``.
+    """
+    _offline()
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    import torch
     from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctdbench.models import load_model
-    from ctdbench.tokenizers import load_tokenizer
-
-    t0 = time.perf_counter()
-    model = load_model(model_dir).to(device).eval()
-    tokenizer = load_tokenizer(model_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
-    with tempfile.TemporaryDirectory() as include:
-        _render_tasks(Path(data_dir), Path(include))
-        result = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=TaskManager(include_path=include, include_defaults=False),
-            limit=limit, log_samples=False, bootstrap_iters=1000,
-        )
-    report = {
+    start = time.perf_counter()
+    model_dir = Path(model_dir).resolve()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lm = _bos_context_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                             max_length=max_length)
+    with tempfile.TemporaryDirectory(prefix="ctd_tasks_") as tmp:
+        include = render_tasks(Path(data_dir), Path(tmp))
+        manager = TaskManager(include_path=str(include), include_defaults=False)
+        with torch.inference_mode():
+            raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          batch_size=batch_size, device=device, log_samples=False)
+    result = {
         "model_dir": str(model_dir),
-        "tasks": _flatten(result["results"]),
+        "tasks": {task: _flat_metrics(metrics) for task, metrics in raw["results"].items()},
         "lm_eval": {
-            "version": getattr(lm_eval, "__version__", None),
-            "n-samples": result.get("n-samples"),
-            "higher_is_better": result.get("higher_is_better"),
-            "config": {"batch_size": batch_size, "max_length": lm.max_length, "limit": limit, "device": device,
-                       "prefix_token_id": lm.prefix_token_id},
+            "version": getattr(lm_eval, "__version__", None) or raw.get("lm_eval_version"),
+            "n-samples": raw.get("n-samples", {}),
+            "higher_is_better": raw.get("higher_is_better", {}),
+            "versions": raw.get("versions", {}),
+            "config": {**raw.get("config", {}), "max_length": lm.max_length,
+                       "prefix_token_id": lm.prefix_token_id, "tokenizer_class": type(tokenizer).__name__},
+            "date": datetime.datetime.fromtimestamp(raw["date"], datetime.timezone.utc).isoformat(),
         },
-        "timing": {"seconds": time.perf_counter() - t0},
+        "timing": {"seconds": round(time.perf_counter() - start, 3)},
     }
+    text = json.dumps(result, indent=2, default=str)  # lm-eval's config holds e.g. torch dtypes
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return report
+    tmp_out = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp_out.write_text(text + "\n", encoding="utf-8")
+    tmp_out.replace(out_path)  # never leave a half-written eval.json for Snakemake or analysis
+    return json.loads(text)
 
 
 def read_eval(path) -> dict:
-    return json.loads(Path(path).read_text())
+    """Load an ``eval.json`` written by :func:`evaluate_model`.
+
+    Schema::
+
+        {"model_dir": str,
+         "tasks": {task: {metric: float, metric + "_stderr": float | None}},
+         "lm_eval": {"version", "n-samples", "higher_is_better", "versions", "config", "date"},
+         "timing": {"seconds": float}}
+
+    Raises:
+        ValueError: If the file lacks the ``tasks`` mapping.
+    """
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data.get("tasks"), dict):
+        raise ValueError(f"{path}: not an eval.json (no 'tasks' mapping)")
+    return data
+
+
+def _flat_metrics(metrics: dict) -> dict:
+    """lm-eval's ``{"acc,none": x, "acc_stderr,none": "N/A", "alias": ...}`` -> ``{"acc": x, ...}``."""
+    flat = {}
+    for key, value in metrics.items():
+        if "," not in key:
+            continue  # "alias" and other labels
+        name, filt = key.split(",", 1)
+        name = name if filt == "none" else f"{name}[{filt}]"
+        # lm-eval has no closed-form stderr for weighted aggregations (bits_per_byte): "N/A".
+        flat[name] = float(value) if isinstance(value, (int, float)) else None
+    return flat
+
+
+def _offline() -> None:
+    """No hub traffic: everything evaluated here is local (set before the HF libraries load)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # lm-eval logs every request at INFO; the warnings are what a log reader needs.
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@functools.cache
+def _bos_context_hflm():
+    """``HFLM`` whose non-empty contexts start with the BOS token, as every training segment does.
+
+    lm-eval prepends ``prefix_token_id`` only to rolling windows and empty contexts and otherwise
+    relies on the tokenizer to add BOS. Ours (like GPT-2's) add none, so cloze contexts would
+    start at a position the models never saw in training. Tokenizers that do add BOS are left as
+    they are.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class BosContextHFLM(HFLM):
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            context_enc, continuation_enc = super()._encode_pair(context, continuation)
+            if context_enc[:1] != [self.prefix_token_id]:
+                context_enc = [self.prefix_token_id] + context_enc
+            return context_enc, continuation_enc
+
+    return BosContextHFLM

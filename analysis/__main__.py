@@ -1,0 +1,3 @@
+from analysis import main
+
+main()

@@ -1,0 +1,92 @@
+"""The whole workflow on workflows/config/smoke.yaml: every rule, real lm-eval, figures."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, "--directory", str(workdir), *args]
+    # The rules call the `ctdbench` console script of this environment.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    result = snakemake(workdir, "--cores", "2", "--configfile", str(REPO / "workflows/config/smoke.yaml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir / "results" / "smoke"
+
+
+@pytest.mark.slow
+def test_smoke_workflow_produces_table_and_figures(smoke_run):
+    rows = list(csv.DictReader(open(smoke_run / "summary.csv")))
+    methods = {(r["pair"], r["method"]) for r in rows}
+    assert {("bpe_to_sp", "sft"), ("bpe_to_byte", "sft"), ("bpe_to_sp", "teacher")} <= methods
+    bpb = [r for r in rows if r["metric"] == "bits_per_byte"]
+    assert len(bpb) == 2 * 2 + 2  # 2 pairs x 2 seeds + the teacher per pair
+    assert all(0 < float(r["value"]) < 9 for r in bpb)
+    figures = {p.name for p in (smoke_run / "figures").glob("*.png")}
+    assert {"ctd_heldout__bits_per_byte.png", "ctd_cloze__acc.png", "learning_curves.png", "cost.png"} <= figures
+    assert all((smoke_run / "figures" / f).stat().st_size > 5000 for f in figures)
+
+
+@pytest.mark.slow
+def test_runs_record_identical_budgets(smoke_run):
+    runs = [json.loads(p.read_text()) for p in smoke_run.glob("*/*/seed*/run.json")]
+    assert len(runs) == 4
+    for r in runs:
+        assert r["budget"]["optimizer_steps"] == 6 and r["git_commit"] is not None
+        assert {"torch", "transformers"} <= set(r["versions"])
+    by_seed = {}
+    for r in runs:  # same seed, different pairs: same text bytes and stream
+        by_seed.setdefault(r["seed"], set()).add((r["budget"]["text_bytes"], r["budget"]["stream_sha256"]))
+    assert all(len(v) == 1 for v in by_seed.values())
+    corpus = json.loads((smoke_run / "data" / "corpus.json").read_text())
+    assert corpus["splits"]["train"]["content_sha256"] and corpus["license"]
+
+
+@pytest.mark.slow
+def test_students_load_as_plain_hf_models(smoke_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = smoke_run / "bpe_to_sp" / "sft" / "seed0" / "student"
+    model = AutoModelForCausalLM.from_pretrained(student)
+    tok = AutoTokenizer.from_pretrained(student)
+    assert model.config.model_type == "gpt_neox" and len(tok) == model.config.vocab_size
+
+
+@pytest.mark.slow
+def test_plots_target_regenerates_figures_without_training(smoke_run):
+    workdir = smoke_run.parent.parent
+    shutil.rmtree(smoke_run / "figures")
+    (smoke_run / "summary.csv").unlink()
+    result = snakemake(workdir, "plots", "--cores", "1", "--configfile", str(REPO / "workflows/config/smoke.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (smoke_run / "summary.csv").exists() and (smoke_run / "figures" / "cost.png").exists()
+    assert "distill" not in result.stderr.split("Job stats")[-1].split("Reasons")[0]
+
+
+def test_default_config_plans(tmp_path):
+    result = snakemake(tmp_path, "-n", "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher_cache" in result.stdout and "distill" in result.stdout
+
+
+def test_invalid_config_fails_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "workflows/config/smoke.yaml").read_text().replace("steps: 6", "stpes: 6"))
+    result = snakemake(tmp_path, "-n", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert "distill.train.stpes" in result.stdout + result.stderr
