@@ -33,9 +33,9 @@ def smoke_run(tmp_path_factory):
 def test_smoke_workflow_produces_table_and_figures(smoke_run):
     rows = list(csv.DictReader(open(smoke_run / "summary.csv")))
     methods = {(r["pair"], r["method"]) for r in rows}
-    assert {("bpe_to_sp", "sft"), ("bpe_to_byte", "sft"), ("bpe_to_sp", "teacher")} <= methods
+    assert {("bpe_to_sp", "sft"), ("bpe_to_byte", "alm+sft"), ("bpe_to_sp", "teacher")} <= methods
     bpb = [r for r in rows if r["metric"] == "bits_per_byte"]
-    assert len(bpb) == 2 * 2 + 2  # 2 pairs x 2 seeds + the teacher per pair
+    assert len(bpb) == 2 * 2 * 2 + 2  # 2 pairs x 2 methods x 2 seeds + the teacher per pair
     assert all(0 < float(r["value"]) < 9 for r in bpb)
     figures = {p.name for p in (smoke_run / "figures").glob("*.png")}
     assert {"ctd_heldout__bits_per_byte.png", "ctd_cloze__acc.png", "learning_curves.png", "cost.png"} <= figures
@@ -45,12 +45,12 @@ def test_smoke_workflow_produces_table_and_figures(smoke_run):
 @pytest.mark.slow
 def test_runs_record_identical_budgets(smoke_run):
     runs = [json.loads(p.read_text()) for p in smoke_run.glob("*/*/seed*/run.json")]
-    assert len(runs) == 4
+    assert len(runs) == 8
     for r in runs:
         assert r["budget"]["optimizer_steps"] == 6 and r["git_commit"] is not None
         assert {"torch", "transformers"} <= set(r["versions"])
     by_seed = {}
-    for r in runs:  # same seed, different pairs: same text bytes and stream
+    for r in runs:  # same seed, different pairs and methods: same text bytes and stream
         by_seed.setdefault(r["seed"], set()).add((r["budget"]["text_bytes"], r["budget"]["stream_sha256"]))
     assert all(len(v) == 1 for v in by_seed.values())
     corpus = json.loads((smoke_run / "data" / "corpus.json").read_text())
