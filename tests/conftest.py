@@ -35,11 +35,15 @@ def sides(tokenizers):
     return make(tokenizers["sentencepiece_bpe"]), make(tokenizers["bytelevel_bpe"])
 
 
-def shared_tokenizer(name: str):
-    """A real tokenizer from ../shared/tokenizers, or skip when that folder is absent."""
+@pytest.fixture(scope="session")
+def shared_tokenizer():
+    """Loader of the real tokenizers in ../shared/tokenizers (gpt2, llama2); skips when absent."""
     from transformers import PreTrainedTokenizerFast
 
-    path = SHARED_TOKENIZERS / f"{name}.tokenizer.json"
-    if not path.exists():
-        pytest.skip(f"{path} not available (it lives beside the project, not in it)")
-    return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    def load(name: str):
+        path = SHARED_TOKENIZERS / f"{name}.tokenizer.json"
+        if not path.exists():
+            pytest.skip(f"{path} not available (it lives beside the project, not in it)")
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+
+    return load
