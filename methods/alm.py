@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ctdbench.align import chunks
 from methods import register
-from methods.base import DistillationMethod, token_cross_entropy
+from methods.base import DistillationMethod, logprob_cross_entropy
 
 SPACE_BYTES = (0x20, 0x0A, 0x09)
 
@@ -71,11 +71,11 @@ def chunk_ids(examples) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ct), torch.from_numpy(cs)
 
 
-def chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: torch.Tensor, space: torch.Tensor, n_chunks: int):
+def chunk_logprobs(logp: torch.Tensor, ids: torch.Tensor, chunk: torch.Tensor, space: torch.Tensor, n_chunks: int):
     """Chunk log-likelihoods, token counts and the space log-probability after each chunk.
 
     Args:
-        logits: [B, L, V]; position t predicts token t + 1.
+        logp: [B, L, V] log-probabilities (fp32); position t predicts token t + 1.
         ids: [B, L] token ids; chunk: [B, L] chunk index per token (-1 = none).
         space: [K] ids of the space set.
         n_chunks: C, the number of chunk columns.
@@ -83,7 +83,6 @@ def chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: torch.Tensor,
     Returns:
         L [B, C] (clipped at 0), n [B, C] token counts, sigma [B, C] at each chunk's last token.
     """
-    logp = logits.float().log_softmax(-1).clamp(max=0)
     token_lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)             # [B, L-1]
     target_chunk = chunk[:, 1:]
     valid = target_chunk >= 0
@@ -91,12 +90,14 @@ def chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: torch.Tensor,
     B = ids.shape[0]
     L = logp.new_zeros(B, n_chunks + 1).scatter_add_(1, col, token_lp * valid)[:, :n_chunks].clamp(max=0)
     n = logp.new_zeros(B, n_chunks + 1).scatter_add_(1, col, valid.to(logp.dtype))[:, :n_chunks]
-    sigma_tok = (torch.logsumexp(logits.float()[..., space], -1) - torch.logsumexp(logits.float(), -1)).clamp(max=0)
+    # Only the last token of each chunk needs its space probability: gather those rows first.
     pos = torch.arange(chunk.shape[1], device=chunk.device).expand_as(chunk)
     col_all = torch.where(chunk >= 0, chunk, n_chunks)
     last = torch.zeros(B, n_chunks + 1, dtype=torch.long, device=chunk.device).scatter_reduce_(
         1, col_all, pos, reduce="amax", include_self=True)[:, :n_chunks]
-    return L, n, sigma_tok.gather(1, last)
+    rows = logp.gather(1, last[..., None].expand(-1, -1, logp.shape[-1]))        # [B, C, V]
+    sigma = torch.logsumexp(rows.index_select(-1, space), -1).clamp(max=0)
+    return L, n, sigma
 
 
 def merge_by_space_prob(LT, LS, n, sT, sS, threshold: float):
@@ -116,15 +117,19 @@ def merge_by_space_prob(LT, LS, n, sT, sS, threshold: float):
     return (*merged, sT.gather(1, take) * has, sS.gather(1, take) * has)
 
 
-def alm_loss(teacher_logits, teacher_ids, teacher_chunk, student_logits, student_ids, student_chunk,
+def alm_loss(teacher_logp, teacher_ids, teacher_chunk, student_logp, student_ids, student_chunk,
              space_t, space_s, *, tau: float = 100.0, threshold: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
-    """The ALM binary-CE loss, averaged over valid merged chunks (module docstring)."""
+    """The ALM binary-CE loss, averaged over valid merged chunks (module docstring).
+
+    Args:
+        teacher_logp / student_logp: [B, L, V] fp32 log-probabilities (clipped at 0).
+    """
     C = int(max(teacher_chunk.max(), student_chunk.max()).item()) + 1
     if C <= 0:
-        return student_logits.sum() * 0.0
+        return student_logp.sum() * 0.0
     with torch.no_grad():
-        LT, n, sT = chunk_logprobs(teacher_logits, teacher_ids, teacher_chunk, space_t, C)
-    LS, _, sS = chunk_logprobs(student_logits, student_ids, student_chunk, space_s, C)
+        LT, n, sT = chunk_logprobs(teacher_logp, teacher_ids, teacher_chunk, space_t, C)
+    LS, _, sS = chunk_logprobs(student_logp, student_ids, student_chunk, space_s, C)
     LT, LS, n, sT, sS = merge_by_space_prob(LT, LS, n, sT, sS, threshold)
     valid = n > 0
     a = (LT + sT) / tau - eps
@@ -155,13 +160,18 @@ class ALM(DistillationMethod):
         return {"alm_chunk_teacher": ct, "alm_chunk_student": cs}
 
     def loss(self, batch, student_out, teacher_out):
-        alm = alm_loss(teacher_out.logits, batch["teacher_input_ids"], batch["alm_chunk_teacher"],
-                       student_out.logits, batch["student_input_ids"], batch["alm_chunk_student"],
+        with torch.no_grad():
+            teacher_logp = teacher_out.logits.float().log_softmax(-1).clamp(max=0)
+        # One student log-softmax serves both the ALM term and the CE term.
+        student_logp = student_out.logits.float().log_softmax(-1).clamp(max=0)
+        ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
+        alm = alm_loss(teacher_logp, batch["teacher_input_ids"], batch["alm_chunk_teacher"],
+                       student_logp, ids, batch["alm_chunk_student"],
                        self.space_t, self.space_s, tau=self.tau, threshold=self.threshold)
         logs = {"alm": alm.item()}
         if not self.sft:
             return alm, logs
-        ce = token_cross_entropy(student_out.logits, batch["student_input_ids"], batch["student_attention_mask"])
+        ce = logprob_cross_entropy(student_logp, ids, mask)
         logs["ce"] = ce.item()
         if not self.gradmag:
             return (ce + alm) / 2, logs

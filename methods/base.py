@@ -140,3 +140,10 @@ def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: tor
     """
     targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def logprob_cross_entropy(logp: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`token_cross_entropy` from precomputed log-probabilities [B, L, V] (shares the softmax)."""
+    nll = -logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    valid = mask[:, 1:].to(nll.dtype)
+    return (nll * valid).sum() / valid.sum().clamp(min=1)

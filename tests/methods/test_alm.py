@@ -65,7 +65,7 @@ def make_batch(seed, B=3, Lt=9, Ls=11, Vt=13, Vs=17):
 def test_alm_matches_naive_definition(seed, threshold):
     tl, tids, tch, tchunks, sl, sids, sch = make_batch(seed)
     space_t, space_s = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 7, 11])
-    got = alm_loss(tl, tids, tch, sl, sids, sch, space_t, space_s, threshold=threshold)
+    got = alm_loss(tl.log_softmax(-1), tids, tch, sl.log_softmax(-1), sids, sch, space_t, space_s, threshold=threshold)
     want = naive_alm(tl, tids, tchunks, sl, sids, None, space_t, space_s, thr=threshold)
     assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-9)
 
@@ -77,8 +77,8 @@ def test_merge_threshold_edges():
     space = torch.tensor([0, 1])
     C = int(tch.max()) + 1
     from methods.alm import chunk_logprobs
-    LT, n, sT = chunk_logprobs(tl, tids, tch, space, C)
-    LS, _, sS = chunk_logprobs(sl, sids, sch, space, C)
+    LT, n, sT = chunk_logprobs(tl.log_softmax(-1), tids, tch, space, C)
+    LS, _, sS = chunk_logprobs(sl.log_softmax(-1), sids, sch, space, C)
     merged = merge_by_space_prob(LT, LS, n, sT, sS, threshold=2.0)
     assert ((merged[2] > 0).sum(1) == 1).all() and torch.allclose(merged[0][:, 0], (LT * (n > 0)).sum(1))
     merged = merge_by_space_prob(LT, LS, n, sT, sS, threshold=0.0)
@@ -88,11 +88,12 @@ def test_merge_threshold_edges():
 def test_alm_near_minimum_for_identical_models():
     tl, tids, tch, *_ = make_batch(3, Lt=10, Ls=10)
     space = torch.tensor([0, 3])
-    same = alm_loss(tl, tids, tch, tl, tids, tch, space, space)
-    other = alm_loss(tl, tids, tch, tl.roll(1, -1), tids, tch, space, space)
+    lp = tl.log_softmax(-1)
+    same = alm_loss(lp, tids, tch, lp, tids, tch, space, space)
+    other = alm_loss(lp, tids, tch, tl.roll(1, -1).log_softmax(-1), tids, tch, space, space)
     # BCE of a distribution with itself is its entropy: the minimum over student likelihoods.
     tl2 = tl.clone().requires_grad_(True)
-    loss = alm_loss(tl, tids, tch, tl2, tids, tch, space, space)
+    loss = alm_loss(lp, tids, tch, tl2.log_softmax(-1), tids, tch, space, space)
     (grad,) = torch.autograd.grad(loss, tl2)
     assert grad.abs().max() < 1e-6
     assert same < other
@@ -101,7 +102,7 @@ def test_alm_near_minimum_for_identical_models():
 def test_gradients_reach_student_logits_only():
     tl, tids, tch, tchunks, sl, sids, sch = make_batch(1)
     tl, sl = tl.requires_grad_(True), sl.requires_grad_(True)
-    loss = alm_loss(tl, tids, tch, sl, sids, sch, torch.tensor([0]), torch.tensor([0]))
+    loss = alm_loss(tl.log_softmax(-1), tids, tch, sl.log_softmax(-1), sids, sch, torch.tensor([0]), torch.tensor([0]))
     loss.backward()
     assert tl.grad is None or tl.grad.abs().sum() == 0
     assert sl.grad.abs().sum() > 0
@@ -124,3 +125,13 @@ def test_chunk_ids_from_spans():
     ct, cs = chunk_ids([ex])
     assert ct.tolist() == [[-1, 0, 1, 1]]
     assert cs.tolist() == [[-1, 0, 0, 1, 1]]
+
+
+def test_logprob_cross_entropy_matches_token_cross_entropy():
+    from methods.base import logprob_cross_entropy, token_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(2, 7, 11, generator=g), torch.randint(0, 11, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    assert torch.allclose(logprob_cross_entropy(logits.log_softmax(-1), ids, mask), token_cross_entropy(logits, ids, mask))
