@@ -1,3 +1,7 @@
+"""``python -m analysis results/<config>``: summary.csv and every figure from existing results."""
+
+import sys
+
 from analysis import main
 
-main()
+sys.exit(main())

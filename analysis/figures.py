@@ -1,127 +1,227 @@
-"""Comparison figures: per-metric bars with 95% CIs, learning curves, cost per method."""
+"""Comparison figures from the tidy table: metric bars, learning curves, cost.
+
+Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot): no global state, no
+interactive backend, nothing kept alive between figures. Every method keeps one color in every
+figure; the teacher and SFT are drawn as reference lines.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from analysis.collect import RUN_TASK, SFT, TEACHER, learning_curves, method_order, summarize
 
-from analysis.collect import learning_curves, mean_ci  # noqa: E402
-
-LOWER_IS_BETTER = {"bits_per_byte", "byte_perplexity", "word_perplexity", "kl_per_byte"}
-PLOTTED = {("ctd_heldout", "bits_per_byte"), ("ctd_heldout", "byte_perplexity"), ("ctd_cloze", "acc"),
-           ("ctd_cloze", "acc_norm"), ("ctd_cloze", "acc_bytes")}
-
-
-def method_order(methods) -> list[str]:
-    """sft first (the reference), then the others alphabetically; the teacher is drawn as a line."""
-    names = sorted(set(methods) - {"teacher"})
-    return sorted(names, key=lambda m: (m != "sft", m))
-
-
-def _colors(methods: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10")
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
-
-
-def _panels(n: int, width: float = 4.2):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, 3.8), squeeze=False, sharey=False)
-    return fig, axes[0]
+TASK_TITLES = {"ctd_heldout": "Held-out text", "ctd_cloze": "Line-completion cloze, 4 choices"}
+METRIC_LABELS = {
+    "bits_per_byte": ("bits per byte", False),
+    "byte_perplexity": ("perplexity per byte", False),
+    "word_perplexity": ("perplexity per word", False),
+    "acc": ("accuracy (fraction correct)", True),
+    "acc_norm": ("accuracy, choice log-lik. per character", True),
+    "acc_bytes": ("accuracy, choice log-lik. per byte", True),
+    "seconds_per_step": ("seconds per optimizer step (s)", False),
+    "peak_rss_mb": ("peak CPU memory, RSS (MB)", False),
+    "peak_cuda_mb": ("peak GPU memory (MB)", False),
+}
+CHANCE = {"ctd_cloze": 0.25}
+COST_METRICS = ("seconds_per_step", "peak_rss_mb", "peak_cuda_mb")
+SFT_COLOR = "#7f7f7f"
+DPI = 130
 
 
-def bar_figure(table: pd.DataFrame, task: str, metric: str, out: Path, colors: dict) -> Path:
-    sel = table[(table.task == task) & (table.metric == metric)]
-    pairs = sorted(sel.pair.unique())
-    fig, axes = _panels(len(pairs))
-    for ax, pair in zip(axes, pairs):
-        sub = sel[sel.pair == pair]
-        methods = method_order(sub.method)
-        stats = [mean_ci(sub[sub.method == m].value) for m in methods]
-        means, cis = [s[0] for s in stats], [s[1] for s in stats]
-        ax.bar(range(len(methods)), means, yerr=cis, capsize=4, color=[colors[m] for m in methods])
-        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-        teacher = sub[sub.method == "teacher"].value
-        if len(teacher):
-            ax.axhline(teacher.mean(), color="black", ls="--", lw=1.2, label="teacher")
-        if "sft" in methods:
-            ax.axhline(means[methods.index("sft")], color="gray", ls=":", lw=1.2, label="sft mean")
-        values = [m for m in means if np.isfinite(m)] + list(teacher)
-        if values:  # zoom on the differences: bars from a common floor, not from zero
-            lo, hi = min(values), max(values)
-            pad = 0.15 * (hi - lo or abs(hi) or 1.0)
-            ax.set_ylim(lo - pad - max(cis or [0]), hi + pad + max(cis or [0]))
-        ax.set_title(pair)
-        ax.legend(fontsize=8, loc="best")
-    better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-    axes[0].set_ylabel(f"{metric} ({better})")
-    fig.suptitle(f"{task}: {metric}, mean and 95% CI over seeds")
-    fig.tight_layout()
-    path = out / f"{task}__{metric}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def method_colors(methods: list[str]) -> dict[str, tuple]:
+    """One color per method, the same in every figure: SFT gray, the others tab10 (tab20 if many)."""
+    others = [m for m in methods if m not in (TEACHER, SFT)]
+    cmap = matplotlib.colormaps["tab10" if len(others) <= 9 else "tab20"]
+    palette = [c for i, c in enumerate(cmap.colors) if cmap.name != "tab10" or i != 7]  # tab10's gray is SFT's
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(others)}
+    return {TEACHER: "black", SFT: SFT_COLOR, **colors}
 
 
-def learning_curve_figure(curves: pd.DataFrame, out: Path, colors: dict) -> Path:
-    pairs = sorted(curves.pair.unique())
-    fig, axes = _panels(len(pairs))
-    for ax, pair in zip(axes, pairs):
-        sub = curves[curves.pair == pair]
-        for m in method_order(sub.method):
-            mean = sub[sub.method == m].groupby("step")[["bytes_seen", "val_bpb"]].mean()
-            ax.plot(mean.bytes_seen / 1e6, mean.val_bpb, marker=".", label=m, color=colors[m])
-        ax.set_title(pair)
-        ax.set_xlabel("text seen (MB)")
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("validation bits per byte (lower is better)")
-    fig.suptitle("Learning curves, mean over seeds")
-    fig.tight_layout()
-    path = out / "learning_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def make_figures(config_dir: Path, table: pd.DataFrame, preferred: list[str] | None = None) -> list[Path]:
+    """Write every figure of one config into ``config_dir/figures``.
 
+    Args:
+        config_dir: ``results/<config>`` (its run folders give the learning curves).
+        table: The :func:`analysis.collect.collect` table.
+        preferred: Method order after teacher and sft (e.g. the config's); others alphabetical.
 
-def cost_figure(table: pd.DataFrame, out: Path, colors: dict) -> Path:
-    run = table[table.task == "run"]
-    fig, axes = _panels(2)
-    for ax, (metric, label) in zip(axes, [("seconds_per_step", "seconds per optimizer step"),
-                                          ("peak_rss_mb", "peak memory (MB, RSS)")]):
-        sub = run[run.metric == metric]
-        methods = method_order(sub.method)
-        pairs = sorted(sub.pair.unique())
-        width = 0.8 / max(1, len(pairs))
-        for k, pair in enumerate(pairs):
-            vals = [sub[(sub.pair == pair) & (sub.method == m)].value.mean() for m in methods]
-            ax.bar(np.arange(len(methods)) + k * width, vals, width, label=pair, alpha=0.5 + 0.5 * k / max(1, len(pairs)))
-        ax.set_xticks(np.arange(len(methods)) + width * (len(pairs) - 1) / 2, methods, rotation=30, ha="right")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=8)
-    fig.suptitle("Cost per method (mean over seeds)")
-    fig.tight_layout()
-    path = out / "cost.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def make_figures(config_dir: Path, table: pd.DataFrame) -> list[Path]:
-    """Every figure for one config into ``config_dir/figures``; returns the paths written."""
+    Returns:
+        The written PNG paths: ``<task>__<metric>.png`` per evaluation metric,
+        ``learning_curves.png`` and ``cost.png`` when their data exist.
+    """
     out = Path(config_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    colors = _colors(method_order(table.method))
-    paths = []
-    for task, metric in sorted(set(zip(table.task, table.metric))):
-        if (task, metric) in PLOTTED or task not in ("run", "ctd_heldout", "ctd_cloze"):
-            paths.append(bar_figure(table, task, metric, out, colors))
     curves = learning_curves(config_dir)
+    order = method_order(set(table["method"]) | set(curves["method"]), preferred)
+    colors = method_colors(order)
+    stats = summarize(table)
+    paths = []
+    evals = table[table["task"] != RUN_TASK][["task", "metric"]].drop_duplicates()
+    for task, metric in sorted(evals.itertuples(index=False, name=None)):
+        paths.append(metric_figure(table, stats, task, metric, out / f"{task}__{metric}.png", colors, order))
     if len(curves):
-        paths.append(learning_curve_figure(curves, out, colors))
-    if (table.task == "run").any():
-        paths.append(cost_figure(table, out, colors))
+        paths.append(learning_curve_figure(curves, out / "learning_curves.png", colors, order))
+    if _cost_metrics(table):
+        paths.append(cost_figure(table, stats, out / "cost.png", colors, order))
     return paths
+
+
+def metric_figure(table, stats, task, metric, path, colors, order) -> Path:
+    """One panel per pair: bars per method (mean over seeds, 95% CI), seeds as dots, reference lines."""
+    rows = table[(table["task"] == task) & (table["metric"] == metric)]
+    st = stats[(stats["task"] == task) & (stats["metric"] == metric)]
+    pairs = sorted(rows["pair"].unique())
+    label, higher = METRIC_LABELS.get(metric, (metric, None))
+    fig, axes = _panels(len(pairs), max(1, len(set(rows["method"]) - {TEACHER})))
+    chance = CHANCE.get(task) if metric.startswith("acc") else None
+    for ax, pair in zip(axes, pairs):
+        _bar_panel(ax, rows[rows["pair"] == pair], st[st["pair"] == pair], colors, order, chance)
+        ax.set_title(f"pair: {pair}", fontsize=10)
+    zoomed = _set_ylim(axes, rows["value"], st, chance)
+    _reference_legend(fig, axes)
+    axes[0].set_ylabel(label + _better(higher))
+    fig.suptitle(f"{TASK_TITLES.get(task, task)} ({task}): {label}", fontsize=12)
+    note = "bars: mean over seeds · error bars: 95% CI (Student t) · dots: seeds"
+    fig.supxlabel(note + (" · y axis does not start at 0" if zoomed else ""), fontsize=8, color="dimgray")
+    return _save(fig, path)
+
+
+def learning_curve_figure(curves: pd.DataFrame, path: Path, colors: dict, order: list[str]) -> Path:
+    """Validation bits per byte against training text seen; mean over seeds, band = seed range."""
+    pairs = sorted(curves["pair"].unique())
+    fig, axes = _panels(len(pairs), 6)
+    for ax, pair in zip(axes, pairs):
+        sub = curves[curves["pair"] == pair]
+        for method in [m for m in order if m in set(sub["method"])]:
+            per_step = sub[sub["method"] == method].groupby("step").agg(
+                mb=("bytes_seen", "mean"), mean=("val_bpb", "mean"), lo=("val_bpb", "min"), hi=("val_bpb", "max"))
+            x = per_step["mb"] / 1e6
+            ax.plot(x, per_step["mean"], marker="o", ms=3, lw=1.6, color=colors[method], label=method)
+            ax.fill_between(x, per_step["lo"], per_step["hi"], color=colors[method], alpha=0.15, lw=0)
+        trained = sub[sub["bytes_seen"] > 0]["val_bpb"]
+        # The untrained model (step 0) sits far above everything else; clip it to keep the
+        # differences between methods visible.
+        if len(trained) and sub["val_bpb"].max() > trained.max():
+            lo, hi = trained.min(), trained.max()
+            ax.set_ylim(lo - 0.1 * (hi - lo or 1), hi + 0.25 * (hi - lo or 1))
+            ax.text(0.02, 0.02, f"untrained model off-scale ({sub['val_bpb'].max():.2f})", transform=ax.transAxes,
+                    va="bottom", fontsize=8, color="dimgray")
+        ax.set_title(f"pair: {pair}", fontsize=10)
+        ax.set_xlabel("training text seen (MB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0].set_ylabel("validation bits per byte" + _better(False))
+    fig.suptitle("Learning curves: mean over seeds (band: range over seeds)", fontsize=12)
+    return _save(fig, path)
+
+
+def cost_figure(table, stats, path, colors, order) -> Path:
+    """Rows: seconds per step, peak memory (GPU too if any was used); columns: pairs."""
+    run = table[table["task"] == RUN_TASK]
+    metrics = _cost_metrics(table)
+    pairs = sorted(run["pair"].unique())
+    n_methods = max(1, run["method"].nunique())
+    fig = Figure(figsize=(max(3.6, 1.0 + 0.6 * n_methods) * len(pairs), 3.4 * len(metrics) + 0.6),
+                 layout="constrained")
+    axes = fig.subplots(len(metrics), len(pairs), squeeze=False, sharey="row")
+    for r, metric in enumerate(metrics):
+        rows, st = run[run["metric"] == metric], stats[(stats["task"] == RUN_TASK) & (stats["metric"] == metric)]
+        for c, pair in enumerate(pairs):
+            ax = axes[r][c]
+            _bar_panel(ax, rows[rows["pair"] == pair], st[st["pair"] == pair], colors, order, None)
+            ax.set_title(f"pair: {pair}", fontsize=10)
+        axes[r][0].set_ylabel(METRIC_LABELS[metric][0] + _better(False))
+    _reference_legend(fig, axes.ravel())
+    fig.suptitle("Cost per method: mean over seeds, 95% CI", fontsize=12)
+    return _save(fig, path)
+
+
+def _cost_metrics(table: pd.DataFrame) -> list[str]:
+    """The cost metrics with data (peak GPU memory is all zeros on a CPU run)."""
+    run = table[table["task"] == RUN_TASK]
+    return [m for m in COST_METRICS if (run[run["metric"] == m]["value"] > 0).any()]
+
+
+def _panels(n_panels: int, n_bars: int):
+    fig = Figure(figsize=(max(3.6, 1.2 + 0.62 * n_bars) * n_panels, 4.4), layout="constrained")
+    return fig, fig.subplots(1, n_panels, squeeze=False, sharey=True)[0]
+
+
+def _bar_panel(ax, rows: pd.DataFrame, st: pd.DataFrame, colors: dict, order: list[str], chance) -> None:
+    """Bars per method (not the teacher), error bars where n >= 2, seed dots, reference lines."""
+    methods = [m for m in order if m in set(st["method"]) and m != TEACHER]
+    st = st.set_index("method")
+    x = np.arange(len(methods))
+    means = np.array([st.loc[m, "mean"] for m in methods])
+    cis = np.array([st.loc[m, "ci95"] for m in methods])
+    ax.bar(x, means, width=0.7, color=[colors[m] for m in methods], alpha=0.85, zorder=2)
+    has_ci = np.isfinite(cis)
+    if has_ci.any():
+        ax.errorbar(x[has_ci], means[has_ci], yerr=cis[has_ci], fmt="none", ecolor="black", capsize=4, lw=1.2,
+                    zorder=4)
+    jitter = np.random.default_rng(0)  # fixed: the same figure every time
+    for i, m in enumerate(methods):
+        values = rows[rows["method"] == m]["value"].to_numpy()
+        if len(values) > 1:
+            ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=12, color="black", alpha=0.6,
+                       zorder=5)
+        top = np.nanmax([means[i], means[i] + np.nan_to_num(cis[i]), *values])
+        # Flag bars resting on fewer seeds than their neighbours (unfinished or failed runs).
+        fewer = f" (n={st.loc[m, 'n']})" if st.loc[m, "n"] < st.loc[methods, "n"].max() else ""
+        ax.annotate(_fmt(means[i]) + fewer, (i, top), textcoords="offset points", xytext=(0, 3), ha="center",
+                    fontsize=8, zorder=6)
+    if TEACHER in st.index:
+        teacher = st.loc[TEACHER, "mean"]
+        ax.axhline(teacher, color="black", ls="--", lw=1.3, label="teacher", zorder=3)
+        ax.annotate(f"teacher {_fmt(teacher)}", (0, teacher), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(3, 2), fontsize=7, zorder=6)
+    if SFT in methods:
+        ax.axhline(st.loc[SFT, "mean"], color=SFT_COLOR, ls=":", lw=1.6, label="sft mean", zorder=3)
+    if chance is not None:
+        ax.axhline(chance, color="firebrick", ls="-.", lw=1, label=f"chance ({chance:g})", zorder=3)
+    ax.set_xticks(x, methods, rotation=30 if len(methods) > 3 else 0, ha="right" if len(methods) > 3 else "center")
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+
+
+def _reference_legend(fig: Figure, axes) -> None:
+    """One legend for the reference lines of all panels, outside them so it hides no data."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize=8)
+
+
+def _set_ylim(axes, values: pd.Series, st: pd.DataFrame, chance) -> bool:
+    """Zoom on the range of the data (bars then do not start at 0); True if zoomed."""
+    lows = [values.min(), (st["mean"] - st["ci95"].fillna(0)).min()]
+    highs = [values.max(), (st["mean"] + st["ci95"].fillna(0)).max()]
+    if chance is not None:
+        lows.append(chance)
+        highs.append(chance)
+    lo, hi = np.nanmin(lows), np.nanmax(highs)
+    pad = 0.12 * (hi - lo) if hi > lo else 0.1 * abs(hi) or 1.0
+    bottom = lo - pad
+    zoomed = lo > 0 and bottom > 0.1 * hi
+    axes[0].set_ylim(bottom if zoomed else min(0.0, bottom), hi + 1.5 * pad)
+    return zoomed
+
+
+def _better(higher: bool | None) -> str:
+    return "" if higher is None else ("\n(higher is better)" if higher else "\n(lower is better)")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) >= 100 else f"{x:.3f}"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path

@@ -9,8 +9,9 @@ Two local tasks live in ``workflows/tasks/`` (see its README):
 
 lm-eval names its own output files with timestamps, which Snakemake cannot track, so
 :func:`evaluate_model` calls ``lm_eval.simple_evaluate`` from Python and writes a small flat JSON
-at the path it is given. Nothing touches the Hugging Face hub: the model and tokenizer are loaded
-from their directory and handed to lm-eval as objects, and the datasets are local JSON files.
+at the path it is given. Nothing touches the Hugging Face hub (unless a built-in lm-eval task is
+asked for): the model and tokenizer are loaded from their directory and handed to lm-eval as
+objects, and the datasets are local JSON files.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def build_eval_data(test_docs: list, out_dir: Path, *, n_cloze: int = 200, seed:
                     passage_bytes: int = 512) -> dict:
     """Write the data files of the local tasks from the held-out documents.
 
-    ``heldout.jsonl`` holds every held-out byte, cut into passages of at most ``passage_bytes``
+    ``heldout.jsonl`` holds the whole held-out text, cut into passages of at most ``passage_bytes``
     bytes at line boundaries exactly like the training segments (``ctdbench.data.segment_text``).
     lm-eval scores each passage with the BOS token in front, as in training. The default of 512
     bytes matches the default ``segment_bytes`` and fits in one ``max_length=512`` window even for
@@ -189,7 +190,9 @@ def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_
         model_dir: Folder with the model and its tokenizer (``save_pretrained``).
         data_dir: Folder written by :func:`build_eval_data`.
         out_path: The JSON file to write (a fixed name, for Snakemake).
-        tasks: lm-eval task names from ``workflows/tasks``.
+        tasks: lm-eval task names. Those of ``workflows/tasks`` are local; naming any other
+            (e.g. ``arc_easy``) also loads lm-eval's own task index, whose datasets need the hub
+            (set ``HF_HUB_OFFLINE=0`` and ``HF_DATASETS_OFFLINE=0`` for those).
         batch_size: lm-eval batch size (rolling windows or choices per forward pass).
         max_length: Tokens per window; longer documents are scored in disjoint windows of this
             many predicted tokens. ``None`` uses the model's maximum positions.
@@ -213,7 +216,9 @@ def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_
                              max_length=max_length)
     with tempfile.TemporaryDirectory(prefix="ctd_tasks_") as tmp:
         include = render_tasks(Path(data_dir), Path(tmp))
-        manager = TaskManager(include_path=str(include), include_defaults=False)
+        # Indexing lm-eval's hundreds of built-in tasks takes seconds: only when one is asked for.
+        builtin = set(tasks) - {p.stem for p in TASK_DIR.glob("*.yaml")}
+        manager = TaskManager(include_path=str(include), include_defaults=bool(builtin))
         with torch.inference_mode():
             raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                           batch_size=batch_size, device=device, log_samples=False)
@@ -273,7 +278,10 @@ def _flat_metrics(metrics: dict) -> dict:
 
 
 def _offline() -> None:
-    """No hub traffic: everything evaluated here is local (set before the HF libraries load)."""
+    """Make any accidental hub lookup fail at once instead of waiting on the network.
+
+    Nothing here needs the hub; the variables act on the HF libraries not imported yet.
+    """
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
