@@ -107,18 +107,36 @@ def _check_methods(config: dict) -> None:
     import methods
     from methods.base import check_hparams
 
-    for i, name in enumerate(config["run"]["methods"]):
-        try:
-            cls, defaults = methods.get(name)
-        except KeyError as e:
-            raise ConfigError(f"config key 'run.methods.{i}': {e.args[0]}") from None
-        try:
-            check_hparams(cls, {**defaults, **config["methods"].get(name, {})}, name=name)
-        except ValueError as e:
-            raise ConfigError(f"config key 'methods.{name}': {e}") from None
+    lists = [("run.methods", config["run"]["methods"])]
+    lists += [(f"pairs.{p}.methods", spec["methods"]) for p, spec in config["pairs"].items() if "methods" in spec]
+    for where, names in lists:
+        for i, name in enumerate(names):
+            try:
+                cls, defaults = methods.get(name)
+            except KeyError as e:
+                raise ConfigError(f"config key '{where}.{i}': {e.args[0]}") from None
+            try:
+                check_hparams(cls, {**defaults, **config["methods"].get(name, {})}, name=name)
+            except ValueError as e:
+                raise ConfigError(f"config key 'methods.{name}': {e}") from None
     for name in config["methods"]:
         if name not in methods.available():
             raise ConfigError(f"config key 'methods.{name}': unknown method; available: {', '.join(methods.available())}")
+    for pair in pairs(config):
+        p = config["pairs"][pair]
+        same = p["student_tokenizer"] == config["teachers"][p["teacher"]]["tokenizer"]
+        for name in pair_methods(config, pair):
+            if getattr(methods.get(name)[0], "requires_same_tokenizer", False) and not same:
+                where = f"pairs.{pair}.methods" if "methods" in p else "run.methods"
+                raise ConfigError(
+                    f"config key '{where}': method '{name}' needs the teacher's tokenizer on the student side, "
+                    f"but pair '{pair}' uses '{p['student_tokenizer']}'; list it only for a same-tokenizer pair"
+                )
+
+
+def pair_methods(config: dict, pair: str) -> list[str]:
+    """Methods run on ``pair``: its own ``methods`` list, else ``run.methods``."""
+    return config["pairs"][pair].get("methods") or config["run"]["methods"]
 
 
 def pairs(config: dict) -> list[str]:

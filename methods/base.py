@@ -8,8 +8,8 @@ that train with the student and are never saved into the student checkpoint. The
     loss, logs = method.loss(batch, student_out, teacher_out)
 
 Class attributes declare what the loop has to compute for the method, so nothing else is run:
-``needs_teacher`` (teacher forward pass on the teacher tokenization) and ``needs_hidden_states``
-(last hidden states of both models).
+``needs_teacher`` (teacher forward pass on the teacher tokenization), ``needs_hidden_states``
+(last hidden states of both models) and ``requires_same_tokenizer`` (checked at config validation).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class DistillationMethod(nn.Module):
 
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
+    requires_same_tokenizer: ClassVar[bool] = False  # e.g. plain KD over a shared vocabulary
 
     def __init__(self, ctx: MethodContext):
         super().__init__()

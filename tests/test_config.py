@@ -80,3 +80,21 @@ def test_reserved_pair_name():
     cfg["pairs"]["data"] = cfg["pairs"].pop("bpe_to_sp")
     with pytest.raises(ctd_config.ConfigError, match="pairs.data"):
         ctd_config.validate(cfg)
+
+
+def test_pair_method_lists_are_validated():
+    cfg = edited("pairs.bpe_to_sp.methods", ["sft", "nope"])
+    with pytest.raises(ctd_config.ConfigError, match=r"pairs.bpe_to_sp.methods.1.*unknown method 'nope'"):
+        ctd_config.validate(cfg)
+    cfg = ctd_config.validate(edited("pairs.bpe_to_sp.methods", ["sft"]))
+    assert ctd_config.pair_methods(cfg, "bpe_to_sp") == ["sft"]
+    assert ctd_config.pair_methods(cfg, "bpe_to_byte") == cfg["run"]["methods"]
+
+
+def test_same_tokenizer_method_refused_on_a_mismatched_pair(monkeypatch):
+    import methods
+    from methods.sft import SFT
+
+    monkeypatch.setattr(SFT, "requires_same_tokenizer", True)
+    with pytest.raises(ctd_config.ConfigError, match="method 'sft' needs the teacher's tokenizer.*bpe_to_sp"):
+        ctd_config.validate(load("smoke.yaml"))

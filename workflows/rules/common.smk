@@ -3,13 +3,14 @@ import json
 import shlex
 
 from ctdbench import specs as ctd_specs
+from ctdbench.config import pair_methods
 from ctdbench.config import pairs as config_pairs
 
 RESULTS = f"results/{config['name']}"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 PAIRS = config_pairs(config)
-METHODS = config["run"]["methods"]
+METHODS = sorted({m for p in PAIRS for m in pair_methods(config, p)})
 SEEDS = config["run"]["seeds"]
 RUN = RESULTS + "/{pair}/{method}/seed{seed}"
 
@@ -35,7 +36,10 @@ def tokenizer_of_teacher(teacher):
 
 
 def all_runs(filename):
-    return expand(f"{RUN}/{filename}", pair=PAIRS, method=METHODS, seed=SEEDS)
+    return [
+        f"{RESULTS}/{pair}/{method}/seed{seed}/{filename}"
+        for pair in PAIRS for method in pair_methods(config, pair) for seed in SEEDS
+    ]
 
 
 def used_teachers():
