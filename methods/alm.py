@@ -45,9 +45,9 @@ from methods.base import DistillationMethod, logprob_cross_entropy
 SPACE_BYTES = (0x20, 0x0A, 0x09)
 
 
-def space_ids(token_bytes: list[bytes | None]) -> torch.Tensor:
-    """Ids whose bytes start a new pretoken (space, newline, tab) or that are special."""
-    return torch.tensor([i for i, b in enumerate(token_bytes) if b is None or (b and b[0] in SPACE_BYTES)])
+def space_mask(token_bytes: list[bytes | None]) -> torch.Tensor:
+    """[V] 0/1 float mask of ids whose bytes start a new pretoken (space, newline, tab) or special."""
+    return torch.tensor([float(b is None or (len(b) > 0 and b[0] in SPACE_BYTES)) for b in token_bytes])
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -77,26 +77,26 @@ def chunk_logprobs(logp: torch.Tensor, ids: torch.Tensor, chunk: torch.Tensor, s
     Args:
         logp: [B, L, V] log-probabilities (fp32); position t predicts token t + 1.
         ids: [B, L] token ids; chunk: [B, L] chunk index per token (-1 = none).
-        space: [K] ids of the space set.
+        space: [V] float 0/1 mask of the space set.
         n_chunks: C, the number of chunk columns.
 
     Returns:
         L [B, C] (clipped at 0), n [B, C] token counts, sigma [B, C] at each chunk's last token.
     """
-    token_lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)             # [B, L-1]
+    token_lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).clamp(max=0)  # [B, L-1]
     target_chunk = chunk[:, 1:]
     valid = target_chunk >= 0
     col = torch.where(valid, target_chunk, n_chunks)                              # dump column C
     B = ids.shape[0]
     L = logp.new_zeros(B, n_chunks + 1).scatter_add_(1, col, token_lp * valid)[:, :n_chunks].clamp(max=0)
     n = logp.new_zeros(B, n_chunks + 1).scatter_add_(1, col, valid.to(logp.dtype))[:, :n_chunks]
-    # Only the last token of each chunk needs its space probability: gather those rows first.
     pos = torch.arange(chunk.shape[1], device=chunk.device).expand_as(chunk)
     col_all = torch.where(chunk >= 0, chunk, n_chunks)
     last = torch.zeros(B, n_chunks + 1, dtype=torch.long, device=chunk.device).scatter_reduce_(
         1, col_all, pos, reduce="amax", include_self=True)[:, :n_chunks]
-    rows = logp.gather(1, last[..., None].expand(-1, -1, logp.shape[-1]))        # [B, C, V]
-    sigma = torch.logsumexp(rows.index_select(-1, space), -1).clamp(max=0)
+    # log of the probability mass on the space set: a matrix-vector product with a 0/1 mask.
+    space_mass = logp.exp() @ space
+    sigma = space_mass.clamp_min(1e-30).log().clamp(max=0).gather(1, last)
     return L, n, sigma
 
 
@@ -122,7 +122,8 @@ def alm_loss(teacher_logp, teacher_ids, teacher_chunk, student_logp, student_ids
     """The ALM binary-CE loss, averaged over valid merged chunks (module docstring).
 
     Args:
-        teacher_logp / student_logp: [B, L, V] fp32 log-probabilities (clipped at 0).
+        teacher_logp / student_logp: [B, L, V] fp32 log-probabilities.
+        space_t / space_s: [V] 0/1 masks of each side's space set (:func:`space_mask`).
     """
     C = int(max(teacher_chunk.max(), student_chunk.max()).item()) + 1
     if C <= 0:
@@ -152,8 +153,8 @@ class ALM(DistillationMethod):
     def __init__(self, ctx, sft: bool = True, tau: float = 100.0, threshold: float = 0.1, gradmag: bool = False):
         super().__init__(ctx)
         self.sft, self.tau, self.threshold, self.gradmag = sft, tau, threshold, gradmag
-        self.register_buffer("space_t", space_ids(ctx.teacher_token_bytes), persistent=False)
-        self.register_buffer("space_s", space_ids(ctx.student_token_bytes), persistent=False)
+        self.register_buffer("space_t", space_mask(ctx.teacher_token_bytes), persistent=False)
+        self.register_buffer("space_s", space_mask(ctx.student_token_bytes), persistent=False)
 
     def prepare(self, examples):
         ct, cs = chunk_ids(examples)
@@ -161,9 +162,9 @@ class ALM(DistillationMethod):
 
     def loss(self, batch, student_out, teacher_out):
         with torch.no_grad():
-            teacher_logp = teacher_out.logits.float().log_softmax(-1).clamp(max=0)
+            teacher_logp = teacher_out.logits.float().log_softmax(-1)
         # One student log-softmax serves both the ALM term and the CE term.
-        student_logp = student_out.logits.float().log_softmax(-1).clamp(max=0)
+        student_logp = student_out.logits.float().log_softmax(-1)
         ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
         alm = alm_loss(teacher_logp, batch["teacher_input_ids"], batch["alm_chunk_teacher"],
                        student_logp, ids, batch["alm_chunk_student"],

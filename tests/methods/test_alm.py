@@ -42,6 +42,12 @@ def naive_alm(tl, tids, tchunks, sl, sids, schunks, space_t, space_s, tau=100.0,
     return sum(losses) / len(losses)
 
 
+def mask(ids, V):
+    m = torch.zeros(V)
+    m[ids] = 1.0
+    return m
+
+
 def make_batch(seed, B=3, Lt=9, Ls=11, Vt=13, Vs=17):
     g = torch.Generator().manual_seed(seed)
     tl, sl = torch.randn(B, Lt, Vt, generator=g) * 3, torch.randn(B, Ls, Vs, generator=g) * 3
@@ -65,7 +71,8 @@ def make_batch(seed, B=3, Lt=9, Ls=11, Vt=13, Vs=17):
 def test_alm_matches_naive_definition(seed, threshold):
     tl, tids, tch, tchunks, sl, sids, sch = make_batch(seed)
     space_t, space_s = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 7, 11])
-    got = alm_loss(tl.log_softmax(-1), tids, tch, sl.log_softmax(-1), sids, sch, space_t, space_s, threshold=threshold)
+    got = alm_loss(tl.log_softmax(-1), tids, tch, sl.log_softmax(-1), sids, sch, mask(space_t, 13), mask(space_s, 17),
+                   threshold=threshold)
     want = naive_alm(tl, tids, tchunks, sl, sids, None, space_t, space_s, thr=threshold)
     assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-9)
 
@@ -74,11 +81,10 @@ def test_merge_threshold_edges():
     # threshold > 1: nothing survives -> everything merges into one group per example;
     # threshold 0: every chunk is its own group.
     tl, tids, tch, tchunks, sl, sids, sch = make_batch(0)
-    space = torch.tensor([0, 1])
     C = int(tch.max()) + 1
     from methods.alm import chunk_logprobs
-    LT, n, sT = chunk_logprobs(tl.log_softmax(-1), tids, tch, space, C)
-    LS, _, sS = chunk_logprobs(sl.log_softmax(-1), sids, sch, space, C)
+    LT, n, sT = chunk_logprobs(tl.log_softmax(-1), tids, tch, mask([0, 1], 13), C)
+    LS, _, sS = chunk_logprobs(sl.log_softmax(-1), sids, sch, mask([0, 1], 17), C)
     merged = merge_by_space_prob(LT, LS, n, sT, sS, threshold=2.0)
     assert ((merged[2] > 0).sum(1) == 1).all() and torch.allclose(merged[0][:, 0], (LT * (n > 0)).sum(1))
     merged = merge_by_space_prob(LT, LS, n, sT, sS, threshold=0.0)
@@ -87,7 +93,7 @@ def test_merge_threshold_edges():
 
 def test_alm_near_minimum_for_identical_models():
     tl, tids, tch, *_ = make_batch(3, Lt=10, Ls=10)
-    space = torch.tensor([0, 3])
+    space = mask([0, 3], 13)
     lp = tl.log_softmax(-1)
     same = alm_loss(lp, tids, tch, lp, tids, tch, space, space)
     other = alm_loss(lp, tids, tch, tl.roll(1, -1).log_softmax(-1), tids, tch, space, space)
@@ -102,7 +108,7 @@ def test_alm_near_minimum_for_identical_models():
 def test_gradients_reach_student_logits_only():
     tl, tids, tch, tchunks, sl, sids, sch = make_batch(1)
     tl, sl = tl.requires_grad_(True), sl.requires_grad_(True)
-    loss = alm_loss(tl.log_softmax(-1), tids, tch, sl.log_softmax(-1), sids, sch, torch.tensor([0]), torch.tensor([0]))
+    loss = alm_loss(tl.log_softmax(-1), tids, tch, sl.log_softmax(-1), sids, sch, mask([0], 13), mask([0], 17))
     loss.backward()
     assert tl.grad is None or tl.grad.abs().sum() == 0
     assert sl.grad.abs().sum() > 0
