@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 
 _REGISTRY: dict[str, type] = {}
+_BROKEN: dict[str, str] = {}  # module -> import error, reported when a lookup fails
 _discovered = False
 
 
@@ -37,7 +38,11 @@ def _discover() -> None:
     _discovered = True
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+            # A broken method file must not take the other methods down with it.
+            try:
+                importlib.import_module(f"{__name__}.{info.name}")
+            except Exception as e:  # noqa: BLE001 - reported by get()
+                _BROKEN[info.name] = f"{type(e).__name__}: {e}"
 
 
 def available() -> list[str]:
@@ -56,7 +61,8 @@ def get(name: str) -> tuple[type, dict]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown method '{name}'; available: {', '.join(available())}") from None
+        broken = "".join(f"; methods/{m}.py failed to import ({err})" for m, err in _BROKEN.items())
+        raise KeyError(f"unknown method '{name}'; available: {', '.join(available())}{broken}") from None
 
 
 def build(name: str, ctx, hparams: dict | None = None, *, seed: int = 0):

@@ -33,3 +33,10 @@ def test_check_hparams_names_unknown_and_missing():
     with pytest.raises(ValueError, match="missing hyperparameter.*alpha"):
         check_hparams(_Method, {}, name="m")
     check_hparams(_Method, {"alpha": 1.0}, name="m")
+
+
+def test_a_broken_method_file_is_reported_not_fatal(monkeypatch):
+    monkeypatch.setitem(methods._BROKEN, "oops", "SyntaxError: invalid syntax")
+    assert "sft" in methods.available()
+    with pytest.raises(KeyError, match=r"unknown method 'oops'.*methods/oops.py failed to import \(SyntaxError"):
+        methods.get("oops")
