@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 
 from analysis.collect import RUN_TASK, SFT, TEACHER, learning_curves, method_order, summarize
 
-TASK_TITLES = {"ctd_heldout": "Held-out text", "ctd_cloze": "Line-completion cloze, 4 choices"}
+TASK_TITLES = {"ctd_heldout": "Held-out text", "ctd_cloze": "Line-completion cloze, 4 choices",
+               "byte_agreement": "Byte-level agreement with the teacher"}
 METRIC_LABELS = {
     "bits_per_byte": ("bits per byte", False),
     "byte_perplexity": ("perplexity per byte", False),
@@ -24,6 +25,8 @@ METRIC_LABELS = {
     "acc": ("accuracy (fraction correct)", True),
     "acc_norm": ("accuracy, choice log-lik. per character", True),
     "acc_bytes": ("accuracy, choice log-lik. per byte", True),
+    "kl_per_byte": ("KL(teacher || student), bits per byte", False),
+    "top1": ("top-1 next-byte agreement (fraction)", True),
     "seconds_per_step": ("seconds per optimizer step (s)", False),
     "peak_rss_mb": ("peak CPU memory, RSS (MB)", False),
     "peak_cuda_mb": ("peak GPU memory (MB)", False),

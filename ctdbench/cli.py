@@ -208,8 +208,19 @@ def cmd_evaluate(args) -> None:
 
     torch.set_num_threads(args.threads)
     spec = json.loads(args.spec)
-    evaluate_model(args.model, args.data, args.out, tasks=tuple(spec["tasks"]), batch_size=spec["batch_size"],
-                   max_length=spec["max_length"], limit=spec.get("limit"), device=str(_device("auto")))
+    report = evaluate_model(args.model, args.data, args.out, tasks=tuple(spec["tasks"]), batch_size=spec["batch_size"],
+                            max_length=spec["max_length"], limit=spec.get("limit"), device=str(_device("auto")))
+    if args.teacher and spec.get("agreement_passages"):
+        from ctdbench.agreement import byte_agreement
+        from ctdbench.corpus import read_jsonl
+        from ctdbench.models import load_model
+
+        texts = [d.text for d in read_jsonl(Path(args.data) / "heldout.jsonl")][: spec["agreement_passages"]]
+        result = byte_agreement(load_model(args.teacher).eval(), _side(args.teacher), load_model(args.model).eval(),
+                                _side(args.model), texts)
+        report["tasks"]["byte_agreement"] = {"kl_per_byte": result["kl_per_byte"], "top1": result["top1"]}
+        report["agreement"] = {"passages": len(texts), "n_bytes": result["n_bytes"], "converter": "a0"}
+        _write_json(Path(args.out), report)
 
 
 def cmd_report(args) -> None:
@@ -287,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True, help="eval data folder")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher", default=None, help="teacher model folder: adds byte-level teacher agreement")
 
     p = stage("report", cmd_report, "summary.csv and figures from existing results (no training)")
     p.add_argument("results", help="results/<config>")

@@ -6,7 +6,7 @@ hyperparameter of one method retrains that method only). ``ctdbench bench`` buil
 
 from __future__ import annotations
 
-RESERVED = {"data", "tokenizers", "teachers", "figures", "logs", "benchmarks"}
+RESERVED = {"data", "tokenizers", "teachers", "maps", "figures", "logs", "benchmarks"}
 
 
 def teacher_spec(config: dict, name: str) -> dict:
@@ -22,16 +22,24 @@ def teacher_spec(config: dict, name: str) -> dict:
     }
 
 
+def mined_map_path(config: dict, pair: str) -> str:
+    """Where the workflow's ``mined_map`` rule caches the pair's MinED vocabulary map."""
+    return f"results/{config['name']}/maps/{pair}/mined.npy"
+
+
 def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
     p = config["pairs"][pair]
     teacher = config["teachers"][p["teacher"]]
+    hparams = dict(config["methods"].get(method, {}))
+    if method == "mined":
+        hparams.setdefault("map_path", mined_map_path(config, pair))
     return {
         "config_name": config["name"],
         "pair": pair,
         "pair_spec": {**p, "teacher_tokenizer": teacher["tokenizer"]},
         "student_model": config["models"][p["student_model"]],
         "method": method,
-        "hparams": config["methods"].get(method, {}),
+        "hparams": hparams,
         "seed": int(seed),
         "train": config["distill"]["train"],
         "data": config["distill"].get("data", {}),

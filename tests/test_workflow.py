@@ -33,19 +33,24 @@ def smoke_run(tmp_path_factory):
 def test_smoke_workflow_produces_table_and_figures(smoke_run):
     rows = list(csv.DictReader(open(smoke_run / "summary.csv")))
     methods = {(r["pair"], r["method"]) for r in rows}
-    assert {("bpe_to_sp", "sft"), ("bpe_to_byte", "alm+sft"), ("bpe_to_sp", "teacher")} <= methods
+    assert {("bpe_to_sp", "sft"), ("bpe_to_byte", "alm+sft"), ("bpe_to_sp", "bld"), ("bpe_to_sp", "mined"),
+            ("bpe_to_sp", "teacher")} <= methods
     bpb = [r for r in rows if r["metric"] == "bits_per_byte"]
-    assert len(bpb) == 2 * 2 * 2 + 2  # 2 pairs x 2 methods x 2 seeds + the teacher per pair
+    assert len(bpb) == (4 + 2) * 2 + 2  # (4 + 2 methods of the pairs) x 2 seeds + the teacher per pair
     assert all(0 < float(r["value"]) < 9 for r in bpb)
+    agreement = [r for r in rows if r["task"] == "byte_agreement"]
+    assert {r["metric"] for r in agreement} == {"kl_per_byte", "top1"}
+    assert len(agreement) == 2 * (4 + 2) * 2  # every student, no teacher row
     figures = {p.name for p in (smoke_run / "figures").glob("*.png")}
-    assert {"ctd_heldout__bits_per_byte.png", "ctd_cloze__acc.png", "learning_curves.png", "cost.png"} <= figures
+    assert {"ctd_heldout__bits_per_byte.png", "ctd_cloze__acc.png", "learning_curves.png", "cost.png",
+            "byte_agreement__kl_per_byte.png"} <= figures
     assert all((smoke_run / "figures" / f).stat().st_size > 5000 for f in figures)
 
 
 @pytest.mark.slow
 def test_runs_record_identical_budgets(smoke_run):
     runs = [json.loads(p.read_text()) for p in smoke_run.glob("*/*/seed*/run.json")]
-    assert len(runs) == 8
+    assert len(runs) == (4 + 2) * 2
     for r in runs:
         assert r["budget"]["optimizer_steps"] == 6 and r["git_commit"] is not None
         assert {"torch", "transformers"} <= set(r["versions"])

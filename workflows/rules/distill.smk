@@ -23,6 +23,23 @@ rule teacher_cache:
         " --tokenizer {input.tokenizer} --out {output} --threads {threads} > {log} 2>&1"
 
 
+rule mined_map:
+    """MinED's student -> teacher vocabulary map, once per pair (methods/mined.py)."""
+    input:
+        teacher_tokenizer=lambda w: f"{RESULTS}/tokenizers/{tokenizer_of_teacher(teacher_of(w.pair))}",
+        student_tokenizer=lambda w: f"{RESULTS}/tokenizers/{config['pairs'][w.pair]['student_tokenizer']}",
+    output:
+        map=f"{RESULTS}/maps/{{pair}}/mined.npy",
+        receipt=f"{RESULTS}/maps/{{pair}}/mined.json",
+    log:
+        f"{LOGS}/mined_map_{{pair}}.log",
+    benchmark:
+        f"{BENCH}/mined_map_{{pair}}.tsv"
+    shell:
+        "python -m methods.mined --teacher-tokenizer {input.teacher_tokenizer}"
+        " --student-tokenizer {input.student_tokenizer} --map-path {output.map} --receipt {output.receipt} > {log} 2>&1"
+
+
 rule distill:
     input:
         train=rules.corpus.output.train,
@@ -31,6 +48,7 @@ rule distill:
         teacher_tokenizer=lambda w: f"{RESULTS}/tokenizers/{tokenizer_of_teacher(teacher_of(w.pair))}",
         student_tokenizer=lambda w: f"{RESULTS}/tokenizers/{config['pairs'][w.pair]['student_tokenizer']}",
         cache=lambda w: [f"{RESULTS}/teachers/{teacher_of(w.pair)}/cache"] if USE_CACHE else [],
+        maps=lambda w: [ctd_specs.mined_map_path(config, w.pair)] if w.method == "mined" else [],
     output:
         student=directory(f"{RUN}/student"),
         run=f"{RUN}/run.json",

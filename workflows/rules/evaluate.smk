@@ -5,6 +5,7 @@ rule evaluate_student:
     input:
         model=f"{RUN}/student",
         data=rules.eval_data.output,
+        teacher=lambda w: f"{RESULTS}/teachers/{teacher_of(w.pair)}/model",
     output:
         f"{RUN}/eval.json",
     params:
@@ -16,7 +17,7 @@ rule evaluate_student:
         f"{BENCH}/evaluate/{{pair}}/{{method}}/seed{{seed}}.tsv"
     shell:
         "ctdbench evaluate --spec {params.spec} --model {input.model} --data {RESULTS}/data/eval"
-        " --out {output} --threads {threads} > {log} 2>&1"
+        " --teacher {input.teacher} --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule evaluate_teacher:

@@ -1,0 +1,169 @@
+"""BLD: Byte-Level Distillation (Singh, Wu, Cioba, Bernacchia, Buffelli; arXiv 2604.07466).
+
+No official code exists; this follows the paper and the secondary sources collected in the
+project's research notes (shared/reference/bld.md §1.3-1.4, §3-4).
+
+The teacher's next-token distributions are converted into next-byte distributions
+(``ctdbench.byteprob``). A byte head on the student's final hidden state predicts, from the
+position that predicts student token t_l, each of the first J bytes of t_l; distillation goes
+through that shared byte interface. For every student token l with n_l bytes:
+
+    L = CE(t_l | token head)
+      + lambda_b  * mean_{l, j < min(n_l, J)} CE(b_lj | byte head j)
+      + lambda_kl * mean_{l, j < min(n_l, J)} KL(P_T(b_lj | all bytes before) || q_S(. | l, j))
+
+with J = 10, byte vocabulary S = 256 + n_special (260), lambda_b = 1.0, lambda_kl = 0.1,
+temperature 1 (applied to the teacher's token logits before the conversion, bld.md §3.6).
+
+Heads (``head``):
+    linear       J parallel heads as one Linear(d, J * S), the paper's head. Head j cannot see
+                 bytes b_<j of the token, so it fits the average of the teacher's conditionals
+                 over the prefixes that occur.
+    transformer  a small causal transformer over [proj(h), emb(b_0), ..., emb(b_{J-2})],
+                 teacher-forced, so byte j is predicted given the token's previous bytes, which is
+                 what the teacher's target conditions on.
+
+The head trains with the student (in the method's own parameter group) and is dropped with the
+method: the saved student is a plain Hugging Face model.
+
+Deviations and choices where the sources are silent (bld.md §5):
+    - Conversion ``a1`` by default (bld.md §3.3's recommendation, with its weights corrected, see
+      ``ctdbench.byteprob``); ``conversion: a0`` gives the paper's "Marginalize-It" reading.
+    - Byte CE and KL are means over the valid byte slots of the micro-batch, the token CE is the
+      mean over tokens. Slots whose teacher distribution is masked (zero denominator) leave the KL
+      only; ``kl_coverage`` logs the fraction that remain.
+    - The extra symbols are the teacher's special tokens (at most ``n_special``), with their
+      probability at teacher-token starts; student targets never use them.
+    - Bytes past J of long student tokens get no byte loss (the paper's J = 10 cut-off).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctdbench.byteprob import MODES, VocabByteIndex, next_byte_distributions_batch
+from methods import register
+from methods.base import DistillationMethod, token_cross_entropy
+
+
+class LinearByteHead(nn.Module):
+    """J parallel byte classifiers on the hidden state: [N, d] -> [N, J, S] logits."""
+
+    def __init__(self, hidden: int, n_bytes: int, n_symbols: int):
+        super().__init__()
+        self.shape = (n_bytes, n_symbols)
+        self.proj = nn.Linear(hidden, n_bytes * n_symbols)
+
+    def forward(self, h: torch.Tensor, prev_bytes: torch.Tensor) -> torch.Tensor:
+        return self.proj(h).unflatten(-1, self.shape)
+
+
+class TransformerByteHead(nn.Module):
+    """A small causal transformer: byte j from h and the token's bytes b_<j. [N, d] -> [N, J, S]."""
+
+    def __init__(self, hidden: int, n_bytes: int, n_symbols: int, width: int, layers: int, heads: int = 4):
+        super().__init__()
+        self.n_bytes = n_bytes
+        self.inp = nn.Linear(hidden, width)
+        self.byte_emb = nn.Embedding(n_symbols, width)
+        self.pos = nn.Parameter(torch.zeros(n_bytes, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Linear(width, n_symbols)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(n_bytes), persistent=False)
+
+    def forward(self, h: torch.Tensor, prev_bytes: torch.Tensor) -> torch.Tensor:
+        # Position 0 reads the hidden state; position j reads byte j - 1 (teacher forcing).
+        x = torch.cat([self.inp(h)[:, None], self.byte_emb(prev_bytes[:, : self.n_bytes - 1])], dim=1) + self.pos
+        return self.out(self.body(x, mask=self.causal, is_causal=True))
+
+
+@register("bld")
+class BLD(DistillationMethod):
+    needs_teacher = True
+    needs_hidden_states = True
+
+    def __init__(self, ctx, lambda_b: float = 1.0, lambda_kl: float = 0.1, temperature: float = 1.0,
+                 n_bytes: int = 10, n_special: int = 4, conversion: str = "a1", head: str = "linear",
+                 head_width: int = 128, head_layers: int = 1, row_chunk: int = 256):
+        super().__init__(ctx)
+        if head not in ("linear", "transformer"):
+            raise ValueError(f"methods.bld.head: {head!r} is not one of linear, transformer")
+        if conversion not in MODES:
+            raise ValueError(f"methods.bld.conversion: {conversion!r} is not one of {', '.join(MODES)}")
+        if temperature <= 0:
+            raise ValueError(f"methods.bld.temperature: must be positive, got {temperature}")
+        self.lambda_b, self.lambda_kl, self.temperature = lambda_b, lambda_kl, temperature
+        self.n_bytes, self.n_symbols = n_bytes, 256 + n_special
+        self.conversion, self.row_chunk = conversion, row_chunk
+        d = ctx.student_hidden_size
+        self.head = (LinearByteHead(d, n_bytes, self.n_symbols) if head == "linear"
+                     else TransformerByteHead(d, n_bytes, self.n_symbols, head_width, head_layers))
+        self.index = VocabByteIndex.build(ctx.teacher_token_bytes)
+        self.special_ids = sorted(i for i in ctx.teacher_special_ids if not ctx.teacher_token_bytes[i])[:n_special]
+
+    def prepare(self, examples) -> dict[str, torch.Tensor]:
+        """Byte slots of every student token: the byte's position in the batch's concatenated text
+        (-1 = no slot) and its value. [B, Ls, J] each."""
+        width = max(len(e.student.ids) for e in examples)
+        pos = np.full((len(examples), width, self.n_bytes), -1, dtype=np.int64)
+        target = np.zeros((len(examples), width, self.n_bytes), dtype=np.int64)
+        j = np.arange(self.n_bytes)
+        offset = 0
+        for b, ex in enumerate(examples):
+            starts, ends = np.asarray(ex.student.starts), np.asarray(ex.student.ends)
+            at = starts[:, None] + j
+            valid = at < ends[:, None]
+            text = np.frombuffer(ex.text, dtype=np.uint8)
+            pos[b, : len(starts)] = np.where(valid, at + offset, -1)
+            target[b, : len(starts)] = np.where(valid, text[np.minimum(at, len(text) - 1)], 0)
+            offset += len(ex.text)
+        return {"bld_pos": torch.from_numpy(pos), "bld_target": torch.from_numpy(target)}
+
+    @torch.no_grad()
+    def teacher_bytes(self, batch: dict, teacher_out) -> torch.Tensor:
+        """The teacher's next-byte distribution at every text byte of the batch: [sum n_bytes, S]."""
+        logp = (teacher_out.logits[:, :-1].float() / self.temperature).log_softmax(-1)  # row k predicts k + 1
+        q, n_bytes = next_byte_distributions_batch(
+            logp, batch["teacher_input_ids"][:, 1:], None, self.conversion,
+            mask=batch["teacher_attention_mask"][:, 1:].bool(), special_ids=self.special_ids,
+            row_chunk=self.row_chunk, index=self.index)
+        # A SentencePiece teacher's dummy-prefix space is a byte in front of the text: drop its row.
+        extra = n_bytes - batch["n_bytes"].to(n_bytes.device)
+        if (extra < 0).any():
+            raise ValueError(f"teacher tokens cover {n_bytes.tolist()} bytes, the texts {batch['n_bytes'].tolist()}")
+        if extra.any():
+            example = torch.repeat_interleave(torch.arange(len(n_bytes), device=q.device), n_bytes)
+            local = torch.arange(len(q), device=q.device) - (torch.cumsum(n_bytes, 0) - n_bytes)[example]
+            q = q[local >= extra[example]]
+        return F.pad(q, (0, self.n_symbols - q.shape[-1]))
+
+    def loss(self, batch, student_out, teacher_out):
+        ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
+        ce = token_cross_entropy(student_out.logits, ids, mask)
+        # The hidden state at l - 1 predicts student token l: token l's slots pair with state l - 1.
+        pos, target = batch["bld_pos"][:, 1:], batch["bld_target"][:, 1:]
+        rows = (pos[..., 0] >= 0).nonzero(as_tuple=True)
+        h = student_out.hidden_states[-1][:, :-1][rows]
+        logq = self.head(h, target[rows]).float().log_softmax(-1)  # [N, J, S]
+        valid = pos[rows] >= 0
+        logq, pos, target = logq[valid], pos[rows][valid], target[rows][valid]
+        byte_ce = F.nll_loss(logq, target.to(logq.device))
+        p = self.teacher_bytes(batch, teacher_out)[pos.to(logq.device)]
+        has_target = p.sum(-1) > 0
+        kl = byte_kl(p[has_target], logq[has_target])
+        loss = ce + self.lambda_b * byte_ce + self.lambda_kl * kl
+        return loss, {"ce": ce.item(), "byte_ce": byte_ce.item(), "byte_kl": kl.item(),
+                      "kl_coverage": has_target.float().mean().item()}
+
+
+def byte_kl(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p || q) in nats, p [N, S] probabilities, logq [N, S]; 0 for N = 0.
+
+    Symbols with p = 0 contribute 0 even where q = 0 too (logq = -inf)."""
+    if len(p) == 0:
+        return logq.sum() * 0.0  # keeps the graph
+    return (torch.xlogy(p, p) - torch.where(p > 0, p * logq, 0.0)).sum(-1).mean()

@@ -1,0 +1,308 @@
+"""MinED: KD to minimum-edit-distance-mapped teacher logits at aligned positions.
+
+From FuseLLM (Wan et al., "Knowledge Fusion of Large Language Models", ICLR 2024, arXiv 2401.10491;
+fanqiwan/FuseAI), as re-implemented by DSKD (songmzhang/DSKD @ 077337ac98,
+``code/criterions/min_edit_dis_kld.py``, ``scripts/*/minedit_*.sh``: kd_rate 0.5, kd_temperature
+2.0) and by tokenkit (bminixhofer/tokenkit @ bcacdef43f, ``baseline_utils.compute_mined_mapping``,
+``losses.compute_baseline_mined_loss``). Shared notes: baselines.md §5.2, §9.
+
+Vocabulary map (tokenkit's direction, computed once per tokenizer pair, :func:`mined_map`):
+    map(s) = argmin over non-special teacher ids t of (Levenshtein(bytes(s), bytes(t)), t)
+i.e. the exact byte match if there is one, else the nearest teacher token (ties: smallest id);
+-1 for special student ids (their target logit is -1e5, as DSKD's unmapped ids).
+
+Alignment (positions i of the student and j of the teacher, HF convention: logits at i predict
+token i + 1). Default ``chunks`` (tokenkit): student token i is aligned with teacher token j when
+the two form a 1:1 chunk of ``ctdbench.align`` (same bytes, same end offset, so both next-token
+distributions condition on the same text). Option ``dtw`` (DSKD/FuseLLM): DTW over the token
+strings with cost editdistance(strings without spaces), i aligned with j when the path maps i to
+exactly one j and map(x_i) = x_j. Both sides' BOS (position 0) are aligned: the same empty prefix.
+
+    target_i = teacher_logits_j[map]  (-1e5 where map = -1)   at aligned i
+             = +100 on y_i, -1e5 elsewhere (one-hot)          elsewhere
+    KD = (1/N) sum_i KL(softmax(target_i / T) || softmax(z_i / T))    (= -log q_T(y_i) when one-hot)
+    L  = (1 - kd_rate) CE + kd_rate KD,   kd_rate 0.5, T 2.0, no T^2 factor
+
+The map is cached: ``map_path`` (may contain ``{key}``, a digest of both byte tables) is loaded
+if present, else computed and saved there. Build it ahead with
+``python -m methods.mined --teacher-tokenizer DIR --student-tokenizer DIR --map-path PATH``.
+
+Deviations (each with the reason):
+    - Edit distances on exact token bytes (tokenkit: byteified strings, the same thing); DSKD
+      compares token strings with the space marker deleted. Reason: bytes are what both share.
+    - Map direction student -> teacher (tokenkit's); DSKD reverses a teacher -> student map.
+      Reason: every student id gets a target. Ties go to the smallest teacher id (upstream: the
+      first found in its scan order), so the map does not depend on how the search is pruned;
+      the search itself is exact (lower-bound pruning instead of tokenkit's length pruning).
+    - BOS <-> BOS is aligned in both modes (tokenkit aligns special tokens both sides have; DSKD
+      aligns response tokens only). Reason: our position 0 predicts the first real token.
+    - DTW option: the DP is vectorised (row scans with a running minimum, the path by pointer
+      doubling; ties as upstream: diagonal, up, left) and costs are memoised per id pair,
+      instead of a Python double loop per example; the 1:1 check is map(x_i) = x_j.
+    - Every non-padding token is a target (no prompt/response split in our data); sums are
+      divided by the micro-batch's target count (identical for grad_accum = 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import editdistance
+import numpy as np
+import torch
+
+from ctdbench.align import chunks
+from methods import register
+from methods.base import DistillationMethod
+from methods.kd import ce_kl, shifted_targets
+
+
+def mined_map(teacher_token_bytes: list[bytes | None], student_token_bytes: list[bytes | None],
+              return_distance: bool = False):
+    """For every student id the teacher id of minimum edit distance (module docstring).
+
+    Exact matches come from a dict. For the rest, a vectorised lower bound (bytes of s missing
+    from t, plus t's excess length) orders the teacher strings; candidates are checked level by
+    level with ``editdistance`` until the bound exceeds the best distance found.
+
+    Returns:
+        [Vs] int64 teacher ids (-1 for special student ids), and [Vs] distances if asked.
+    """
+    first: dict[bytes, int] = {}
+    for i, b in enumerate(teacher_token_bytes):
+        if b is not None:
+            first.setdefault(b, i)  # a duplicate string can only tie with its smaller id
+    out, dist = (np.full(len(student_token_bytes), -1, np.int64) for _ in range(2))
+    strings, ids = list(first), np.fromiter(first.values(), np.int64, len(first))
+    lens = np.array([len(s) for s in strings], np.int64)
+    hist = np.zeros((256, len(strings)), np.int16)  # byte counts, byte-major for fast row gathers
+    np.add.at(hist, (np.frombuffer(b"".join(strings), np.uint8), np.repeat(np.arange(len(strings)), lens)), 1)
+    for j, s in enumerate(student_token_bytes):
+        if s is None or not strings:
+            continue
+        if s in first:
+            out[j], dist[j] = first[s], 0
+            continue
+        byte, count = np.unique(np.frombuffer(s, np.uint8), return_counts=True)
+        bound = np.maximum(count[:, None] - hist[byte], 0).sum(0) + np.maximum(lens - len(s), 0)
+        best, best_id, level = np.inf, -1, int(bound.min())
+        while level <= best:
+            for k in np.flatnonzero(bound == level).tolist():
+                d = editdistance.eval(s, strings[k])
+                if d < best or (d == best and ids[k] < best_id):
+                    best, best_id = d, int(ids[k])
+            level += 1
+        out[j], dist[j] = best_id, best
+    return (out, dist) if return_distance else out
+
+
+def pair_key(teacher_token_bytes, student_token_bytes) -> str:
+    """16-hex digest of both byte tables: names and validates a cached map."""
+    h = hashlib.sha256()
+    for table in (teacher_token_bytes, student_token_bytes):
+        h.update(len(table).to_bytes(8, "little"))
+        for b in table:
+            h.update((-1).to_bytes(8, "little", signed=True) if b is None else len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()[:16]
+
+
+def load_or_build_map(map_path: str | None, teacher_token_bytes, student_token_bytes) -> tuple[np.ndarray, Path | None]:
+    """The cached map at ``map_path`` (``{key}`` filled in), else computed (and saved there)."""
+    if map_path is None:
+        return mined_map(teacher_token_bytes, student_token_bytes), None
+    key = pair_key(teacher_token_bytes, student_token_bytes)
+    path = Path(map_path.format(key=key))
+    if path.exists():
+        with np.load(path) as f:
+            if str(f["key"]) != key:
+                raise ValueError(f"{path} holds the MinED map of another tokenizer pair (key {f['key']}, this pair "
+                                 f"{key}); put '{{key}}' in map_path or point it to a per-pair file")
+            return f["map"], path
+    vocab_map = mined_map(teacher_token_bytes, student_token_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:  # a file object keeps the exact name (np.savez would append .npz)
+        np.savez(fh, map=vocab_map, key=np.array(key))
+    os.replace(tmp, path)  # atomic: parallel runs of one pair never read a half-written map
+    return vocab_map, path
+
+
+def chunk_positions(examples) -> torch.Tensor:
+    """[B, Ls] teacher position aligned with each student position by a 1:1 chunk (-1 = none)."""
+    out = np.full((len(examples), max(len(e.student.ids) for e in examples)), -1, np.int64)
+    for b, ex in enumerate(examples):
+        sides = [[ex.text[s:e] if e > s else None for s, e in zip(sp.starts, sp.ends)] for sp in (ex.teacher, ex.student)]
+        c = np.array(chunks(*sides), np.int64).reshape(-1, 4)
+        one = (c[:, 1] - c[:, 0] == 1) & (c[:, 3] - c[:, 2] == 1)
+        out[b, c[one, 2]] = c[one, 0]
+        out[b, 0] = 0  # BOS <-> BOS
+    return torch.from_numpy(out)
+
+
+def dtw_paths(cost: np.ndarray, n_t: np.ndarray, n_s: np.ndarray) -> np.ndarray:
+    """DSKD's DTW for a batch; [B, nS] teacher index matched alone to each student index (-1 = none).
+
+    Args:
+        cost: [B, nT, nS] pairwise costs (anything beyond an example's n_t x n_s is ignored).
+        n_t / n_s: [B] real lengths.
+    """
+    B, nT, nS = cost.shape
+    D = np.full((B, nT + 1, nS + 1), np.inf)
+    D[:, 0, 0] = 0.0
+    for r in range(1, nT + 1):
+        # D[r, j] = c_j + min(D[r-1, j], D[r-1, j-1], D[r, j-1]) as a prefix scan: with P the
+        # running cost sum, D[r] = P + cummin(U - P_shifted), U = min(up, diagonal).
+        P = np.cumsum(cost[:, r - 1], 1)
+        U = np.minimum(D[:, r - 1, 1:], D[:, r - 1, :-1])
+        D[:, r, 1:] = P + np.minimum.accumulate(U - (P - cost[:, r - 1]), axis=1)
+    # Backtrack pointers of every cell (diagonal, up, left; first minimum wins, as np.argmin upstream).
+    move = np.stack([D[:, :-1, :-1], D[:, :-1, 1:], D[:, 1:, :-1]]).argmin(0)           # [B, nT, nS]
+    cells = np.arange(B * nT * nS).reshape(B, nT, nS)
+    nxt = np.choose(move, [cells - nS - 1, cells - nS, cells - 1]).ravel()
+    nxt[cells[:, 0, 0]] = cells[:, 0, 0]                                                  # (0, 0) is terminal
+    steps = nT + nS
+    t = np.arange(steps)
+    cur = np.broadcast_to(cells[np.arange(B), n_t - 1, n_s - 1][:, None], (B, steps)).copy()
+    jump, k = nxt, 0
+    while (1 << k) < steps:  # pointer doubling: cur[b, t] = nxt^t(end_b)
+        cur = np.where((t >> k) & 1, jump[cur], cur)
+        jump, k = jump[jump], k + 1
+    first = np.concatenate([np.ones((B, 1), bool), cur[:, 1:] != cur[:, :-1]], 1)        # drop repeated (0, 0)
+    b, i, j = np.unravel_index(cur[first], (B, nT, nS))
+    counts, out = np.zeros((B, nS), np.int64), np.full((B, nS), -1, np.int64)
+    np.add.at(counts, (b, j), 1)
+    single = counts[b, j] == 1
+    out[b[single], j[single]] = i[single]
+    return out
+
+
+class _DTWAligner:
+    """Student -> teacher positions by DTW; pairwise costs memoised across batches by id pair."""
+
+    def __init__(self, teacher_token_bytes, student_token_bytes, vocab_map: np.ndarray):
+        strip = lambda table: [b"" if b is None else b.replace(b" ", b"") for b in table]  # noqa: E731
+        self.t, self.s, self.vs, self.map = strip(teacher_token_bytes), strip(student_token_bytes), len(student_token_bytes), vocab_map
+        self.keys, self.vals = np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def costs(self, keys: np.ndarray) -> np.ndarray:
+        uniq, inv = np.unique(keys, return_inverse=True)
+        at = np.searchsorted(self.keys, uniq).clip(max=max(len(self.keys) - 1, 0))
+        known = (self.keys[at] == uniq) if len(self.keys) else np.zeros(len(uniq), bool)
+        new = uniq[~known]
+        new_vals = np.array([editdistance.eval(self.t[k // self.vs], self.s[k % self.vs]) for k in new.tolist()], np.int64)
+        at = np.searchsorted(self.keys, new)  # both sorted: an O(n) merge keeps the memo sorted
+        self.keys, self.vals = np.insert(self.keys, at, new), np.insert(self.vals, at, new_vals)
+        return self.vals[np.searchsorted(self.keys, uniq)][inv].reshape(keys.shape)
+
+    def __call__(self, examples) -> torch.Tensor:
+        # Positions that predict a real token: all but the last of each side.
+        n_t = np.array([len(e.teacher.ids) - 1 for e in examples])
+        n_s = np.array([len(e.student.ids) - 1 for e in examples])
+        tid = np.zeros((len(examples), n_t.max()), np.int64)
+        sid = np.zeros((len(examples), n_s.max()), np.int64)
+        for b, e in enumerate(examples):
+            tid[b, : n_t[b]], sid[b, : n_s[b]] = e.teacher.ids[:-1], e.student.ids[:-1]
+        pos = dtw_paths(self.costs(tid[:, :, None] * self.vs + sid[:, None, :]), n_t, n_s)
+        b, j = np.nonzero(pos >= 0)
+        keep = self.map[sid[b, j]] == tid[b, pos[b, j]]  # upstream: the 1:1 pair must map onto each other
+        pos[b[~keep], j[~keep]] = -1
+        out = np.full((len(examples), n_s.max() + 1), -1, np.int64)
+        out[:, :-1], out[:, 0] = pos, 0  # BOS <-> BOS
+        return torch.from_numpy(out)
+
+
+def mined_loss(student_logits, input_ids, mask, teacher_logits, teacher_pos, vocab_map, *,
+               kd_rate: float = 0.5, temperature: float = 2.0):
+    """(loss, CE, KD, aligned fraction) of the module docstring.
+
+    Args:
+        student_logits: [B, Ls, Vs]; input_ids / mask: [B, Ls] the student's tokens.
+        teacher_logits: [B, Lt, Vt].
+        teacher_pos: [B, Ls] teacher position aligned with each student position (-1 = none).
+        vocab_map: [Vs] teacher id per student id (-1 = none).
+    """
+    B, L, V = student_logits.shape
+    targets = shifted_targets(input_ids, mask)                                          # [B * L]
+    has = targets >= 0
+    n = has.sum().clamp(min=1)
+    tpos = teacher_pos.reshape(-1)
+    safe_map, unmapped = vocab_map.clamp(min=0), vocab_map < 0
+
+    def target_fn(r0, r1):
+        # Mapped teacher logits where aligned (-1e5 for unmapped ids); elsewhere DSKD's one-hot
+        # logits (+100 on the target, -1e5 elsewhere: exactly one-hot in fp32 at any T <= 100).
+        y, tp = targets[r0:r1], tpos[r0:r1]
+        u = torch.full((r1 - r0, V), -1e5, device=y.device)
+        al = torch.nonzero((y >= 0) & (tp >= 0)).squeeze(1)
+        u[al] = teacher_logits[(r0 + al) // L, tp[al]][:, safe_map].float().masked_fill(unmapped, -1e5)
+        hot = torch.nonzero(tp < 0).squeeze(1)
+        u[hot, y[hot].clamp(min=0)] = 100.0
+        return u
+
+    ce, kl = ce_kl(student_logits.reshape(-1, V), targets, target_fn, temperature, has.float())
+    ce, kd = ce.sum() / n, kl.sum() / n
+    return (1 - kd_rate) * ce + kd_rate * kd, ce, kd, (has & (tpos >= 0)).sum() / n
+
+
+@register("mined")
+class MinED(DistillationMethod):
+    needs_teacher = True
+
+    def __init__(self, ctx, kd_rate: float = 0.5, temperature: float = 2.0, alignment: str = "chunks",
+                 map_path: str | None = None):
+        super().__init__(ctx)
+        if alignment not in ("chunks", "dtw"):
+            raise ValueError(f"methods.mined: alignment must be 'chunks' or 'dtw', not {alignment!r}")
+        vocab_map, self.map_file = load_or_build_map(map_path, ctx.teacher_token_bytes, ctx.student_token_bytes)
+        vs = ctx.student_vocab_size
+        if len(vocab_map) > vs:
+            raise ValueError(f"methods.mined: the map covers {len(vocab_map)} student ids, the student has {vs}")
+        vocab_map = np.concatenate([vocab_map, np.full(vs - len(vocab_map), -1, np.int64)])
+        if ctx.teacher is not None and vocab_map.max() >= ctx.teacher_vocab_size:
+            raise ValueError("methods.mined: the map points beyond the teacher's vocabulary")
+        self.register_buffer("vocab_map", torch.from_numpy(vocab_map), persistent=False)
+        self.kd_rate, self.temperature, self.alignment = kd_rate, temperature, alignment
+        self._dtw = _DTWAligner(ctx.teacher_token_bytes, ctx.student_token_bytes, vocab_map) if alignment == "dtw" else None
+
+    def prepare(self, examples):
+        return {"mined_teacher_pos": self._dtw(examples) if self._dtw else chunk_positions(examples)}
+
+    def loss(self, batch, student_out, teacher_out):
+        loss, ce, kd, frac = mined_loss(student_out.logits, batch["student_input_ids"], batch["student_attention_mask"],
+                                        teacher_out.logits, batch["mined_teacher_pos"], self.vocab_map,
+                                        kd_rate=self.kd_rate, temperature=self.temperature)
+        return loss, {"ce": ce.item(), "kd": kd.item(), "aligned": frac.item()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build (or find) the cached map of one tokenizer pair; print (and optionally write) a receipt."""
+    from ctdbench.tokbytes import token_bytes
+    from ctdbench.tokenizers import load_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m methods.mined", description=main.__doc__)
+    p.add_argument("--teacher-tokenizer", required=True)
+    p.add_argument("--student-tokenizer", required=True)
+    p.add_argument("--map-path", required=True, help="the method's map_path ('{key}' allowed)")
+    p.add_argument("--receipt", help="also write the receipt JSON here (a fixed per-pair workflow output)")
+    args = p.parse_args(argv)
+    t, s = (token_bytes(load_tokenizer(d)) for d in (args.teacher_tokenizer, args.student_tokenizer))
+    start = time.perf_counter()
+    vocab_map, path = load_or_build_map(args.map_path, t, s)
+    receipt = {"map": str(path), "key": pair_key(t, s), "seconds": round(time.perf_counter() - start, 3),
+               "student_ids": len(s), "special": int((vocab_map < 0).sum()),
+               "exact": int(sum(b is not None and b == t[i] for b, i in zip(s, vocab_map.tolist()) if i >= 0))}
+    receipt["fuzzy"] = len(s) - receipt["special"] - receipt["exact"]
+    text = json.dumps(receipt, indent=2) + "\n"
+    if args.receipt:
+        Path(args.receipt).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.receipt).write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
