@@ -3,7 +3,10 @@
 The floor step is what any distillation step must at least do: a teacher forward pass plus the
 student's SFT forward, backward and optimizer update. Each method's step is timed on the same
 fixed batch of the configured default models (fresh weights: timing does not depend on them),
-each in its own process so peak memory is the method's own. Results print as ratios to the floor.
+each in its own process so peak memory is the method's own. Results print as ratios to the floor:
+the floor step is timed again inside each method's process, alternating with the method's step, so
+that the ratio compares steps taken under the same machine conditions (on a shared VM, the speed of
+the same step drifts by 10-15% between processes).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def _prepared_inputs(config: dict, pair: str) -> dict:
 
 
 def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeats: int, threads: int) -> dict:
+    """Median step seconds of ``method_name`` and of the floor step, timed alternately in this
+    process so that drifts of a shared machine cancel in the ratio; peak RSS of the method."""
     import torch
 
     import methods
@@ -59,30 +64,40 @@ def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeat
     cfg = TrainConfig(**spec["train"])
     data = PairedDataset(segments[: cfg.batch_size], student_side, teacher_side)
     teacher_spec = config["models"][config["teachers"][config["pairs"][pair]["teacher"]]["model"]]
-    teacher = build_model(teacher_spec, teacher_side.tokenizer, seed=0, max_positions=2048).eval()
+    teacher = OnlineTeacher(build_model(teacher_spec, teacher_side.tokenizer, seed=0, max_positions=2048).eval())
     student = build_model(spec["student_model"], student_side.tokenizer, seed=0, max_positions=2048)
-    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=student_side.token_bytes,
+    ctx = MethodContext(student=student, teacher=teacher.model, student_token_bytes=student_side.token_bytes,
                         teacher_token_bytes=teacher_side.token_bytes,
                         same_tokenizer=student_side.token_bytes == teacher_side.token_bytes,
                         student_special_ids=list(student_side.tokenizer.all_special_ids),
                         teacher_special_ids=list(teacher_side.tokenizer.all_special_ids))
-    method = methods.build(spec["method"], ctx, spec["hparams"])
-    optimizer = make_optimizer(student, method, cfg)
     examples = [data[i] for i in range(len(data))]
 
-    def step() -> float:
-        t0 = time.perf_counter()
-        batch = collate(examples, data, method)  # the collator's work is part of a step
-        loss, _ = step_loss(student, method, OnlineTeacher(teacher), batch, force_teacher=method_name == FLOOR)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+    def step_of(method, force_teacher: bool):
+        optimizer = make_optimizer(student, method, cfg)
 
+        def step() -> float:
+            t0 = time.perf_counter()
+            batch = collate(examples, data, method)  # the collator's work is part of a step
+            loss, _ = step_loss(student, method, teacher, batch, force_teacher=force_teacher)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+        return step
+
+    method_step = step_of(methods.build(spec["method"], ctx, spec["hparams"]), method_name == FLOOR)
+    floor_step = step_of(methods.build("sft", ctx, {}), True)
     for _ in range(2):  # warm-up: allocator, kernels
-        step()
-    times = [step() for _ in range(repeats)]
-    return {"seconds": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        method_step()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before any floor step
+    floor_step()
+    times, floor_times = [], []
+    for _ in range(repeats):
+        floor_times.append(floor_step())
+        times.append(method_step())
+    seconds, floor = statistics.median(times), statistics.median(floor_times)
+    return {"seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor, "peak_rss_mb": peak_mb}
 
 
 def _worker(queue, *args) -> None:
@@ -93,7 +108,8 @@ def _worker(queue, *args) -> None:
 
 
 def run(config: dict, pair: str, method_names: list[str], repeats: int = 5, threads: int = 2) -> dict[str, dict]:
-    """Median step seconds and peak RSS per method (plus the floor), each in a fresh process."""
+    """Per method (and the floor): median step seconds, the ratio to the floor step timed in the
+    same process, and peak RSS; each method in a fresh process."""
     inputs = _prepared_inputs(config, pair)
     ctx = mp.get_context("spawn")
     results = {}
@@ -103,10 +119,6 @@ def run(config: dict, pair: str, method_names: list[str], repeats: int = 5, thre
         proc.start()
         results[name] = queue.get()
         proc.join()
-    floor = results[FLOOR].get("seconds")
-    for r in results.values():
-        if "seconds" in r and floor:
-            r["ratio"] = r["seconds"] / floor
     return results
 
 
@@ -117,9 +129,10 @@ def main(args) -> None:
     config = ctd_config.load(args.config)
     pair = args.pair or ctd_config.pairs(config)[0]
     names = args.methods or methods.available()
-    results = run(config, pair, names, repeats=args.repeats, threads=args.threads)
-    print(f"ctdbench bench: config {config['name']}, pair {pair}, {args.threads} threads, "
-          f"median of {args.repeats} steps")
+    threads = args.threads or config["distill"]["threads"]
+    results = run(config, pair, names, repeats=args.repeats, threads=threads)
+    print(f"ctdbench bench: config {config['name']}, pair {pair}, {threads} threads, "
+          f"median of {args.repeats} steps, each method alternating with the floor step")
     print(f"{'method':<28}{'s/step':>10}{'ratio':>8}{'peak MB':>10}")
     for name, r in results.items():
         if "error" in r:
@@ -128,5 +141,5 @@ def main(args) -> None:
             print(f"{name:<28}{r['seconds']:>10.3f}{r.get('ratio', float('nan')):>8.2f}{r['peak_rss_mb']:>10.0f}")
     out = Path("results") / config["name"] / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"pair": pair, "threads": args.threads, "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"pair": pair, "threads": threads, "results": results}, indent=2) + "\n")
     print(f"written {out}")

@@ -310,8 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="workflows/config/default.yaml")
     p.add_argument("--pair", default=None)
     p.add_argument("--methods", nargs="*", default=None)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the config's distill.threads, what the workflow trains with)")
 
     args = parser.parse_args(argv)
     try:

@@ -34,7 +34,9 @@ Deviations and choices where the sources are silent (bld.md §5):
       only; ``kl_coverage`` logs the fraction that remain.
     - The extra symbols are the teacher's special tokens (at most ``n_special``), with their
       probability at teacher-token starts; student targets never use them.
-    - Bytes past J of long student tokens get no byte loss (the paper's J = 10 cut-off).
+    - Bytes past J of long student tokens get no byte loss (the paper's J = 10 cut-off). J is
+      capped at the student's longest token (1 for a byte-level student): further heads would
+      never be trained.
 """
 
 from __future__ import annotations
@@ -49,7 +51,16 @@ from methods import register
 from methods.base import DistillationMethod, token_cross_entropy
 
 
-class LinearByteHead(nn.Module):
+class ByteHead(nn.Module):
+    """Maps student hidden states [N, d] (and each token's bytes, for teacher forcing) to byte
+    logits [N, J, S]; :meth:`slot_logits` returns only the slots that carry a loss."""
+
+    def slot_logits(self, h: torch.Tensor, prev_bytes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Logits of the slots where ``valid`` [N, J] is true, in row-major order: [M, S]."""
+        return self(h, prev_bytes)[valid]
+
+
+class LinearByteHead(ByteHead):
     """J parallel byte classifiers on the hidden state: [N, d] -> [N, J, S] logits."""
 
     def __init__(self, hidden: int, n_bytes: int, n_symbols: int):
@@ -60,8 +71,18 @@ class LinearByteHead(nn.Module):
     def forward(self, h: torch.Tensor, prev_bytes: torch.Tensor) -> torch.Tensor:
         return self.proj(h).unflatten(-1, self.shape)
 
+    def slot_logits(self, h: torch.Tensor, prev_bytes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # Head j only for the tokens that have a byte j: most tokens are much shorter than J, so
+        # this skips most of the head's matmul and softmax work (one matmul per head, not per token).
+        n_bytes, n_symbols = self.shape
+        weight, bias = self.proj.weight.view(n_bytes, n_symbols, -1), self.proj.bias.view(n_bytes, n_symbols)
+        rows = [valid[:, j].nonzero(as_tuple=True)[0] for j in range(n_bytes)]
+        logits = torch.cat([F.linear(h[r], weight[j], bias[j]) for j, r in enumerate(rows)])
+        head_major = torch.cat([r * n_bytes + j for j, r in enumerate(rows)])  # flat [N, J] index per slot
+        return logits[torch.argsort(head_major)]
 
-class TransformerByteHead(nn.Module):
+
+class TransformerByteHead(ByteHead):
     """A small causal transformer: byte j from h and the token's bytes b_<j. [N, d] -> [N, J, S]."""
 
     def __init__(self, hidden: int, n_bytes: int, n_symbols: int, width: int, layers: int, heads: int = 4):
@@ -97,11 +118,13 @@ class BLD(DistillationMethod):
         if temperature <= 0:
             raise ValueError(f"methods.bld.temperature: must be positive, got {temperature}")
         self.lambda_b, self.lambda_kl, self.temperature = lambda_b, lambda_kl, temperature
-        self.n_bytes, self.n_symbols = n_bytes, 256 + n_special
+        # Heads past the student's longest token would never see a byte (a byte student needs one).
+        longest = max((len(b) for b in ctx.student_token_bytes if b), default=1)
+        self.n_bytes, self.n_symbols = min(n_bytes, longest), 256 + n_special
         self.conversion, self.row_chunk = conversion, row_chunk
         d = ctx.student_hidden_size
-        self.head = (LinearByteHead(d, n_bytes, self.n_symbols) if head == "linear"
-                     else TransformerByteHead(d, n_bytes, self.n_symbols, head_width, head_layers))
+        self.head = (LinearByteHead(d, self.n_bytes, self.n_symbols) if head == "linear"
+                     else TransformerByteHead(d, self.n_bytes, self.n_symbols, head_width, head_layers))
         self.index = VocabByteIndex.build(ctx.teacher_token_bytes)
         self.special_ids = sorted(i for i in ctx.teacher_special_ids if not ctx.teacher_token_bytes[i])[:n_special]
 
@@ -126,7 +149,8 @@ class BLD(DistillationMethod):
     @torch.no_grad()
     def teacher_bytes(self, batch: dict, teacher_out) -> torch.Tensor:
         """The teacher's next-byte distribution at every text byte of the batch: [sum n_bytes, S]."""
-        logp = (teacher_out.logits[:, :-1].float() / self.temperature).log_softmax(-1)  # row k predicts k + 1
+        logits = teacher_out.logits[:, :-1].float()  # row k predicts token k + 1
+        logp = (logits if self.temperature == 1 else logits / self.temperature).log_softmax(-1)
         q, n_bytes = next_byte_distributions_batch(
             logp, batch["teacher_input_ids"][:, 1:], None, self.conversion,
             mask=batch["teacher_attention_mask"][:, 1:].bool(), special_ids=self.special_ids,
@@ -148,9 +172,9 @@ class BLD(DistillationMethod):
         pos, target = batch["bld_pos"][:, 1:], batch["bld_target"][:, 1:]
         rows = (pos[..., 0] >= 0).nonzero(as_tuple=True)
         h = student_out.hidden_states[-1][:, :-1][rows]
-        logq = self.head(h, target[rows]).float().log_softmax(-1)  # [N, J, S]
         valid = pos[rows] >= 0
-        logq, pos, target = logq[valid], pos[rows][valid], target[rows][valid]
+        logq = self.head.slot_logits(h, target[rows], valid).float().log_softmax(-1)  # [valid slots, S]
+        pos, target = pos[rows][valid], target[rows][valid]
         byte_ce = F.nll_loss(logq, target.to(logq.device))
         p = self.teacher_bytes(batch, teacher_out)[pos.to(logq.device)]
         has_target = p.sum(-1) > 0

@@ -13,7 +13,7 @@ from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import token_bytes
 from methods import build
 from methods.base import MethodContext
-from methods.bld import byte_kl
+from methods.bld import ByteHead, LinearByteHead, byte_kl
 
 STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
@@ -96,7 +96,7 @@ def test_loss_terms_and_gradients_reach_backbone_and_head(pair):
     assert all(p.grad is None for p in teacher.parameters())
 
 
-class FixedHead(nn.Module):
+class FixedHead(ByteHead):
     """A head that outputs given logits for the loss's rows, in the loss's order."""
 
     def __init__(self, logits):
@@ -123,6 +123,24 @@ def test_kl_vanishes_when_the_head_is_the_teacher(pair):
     assert logs["byte_kl"] > 0.1
 
 
+def test_linear_slot_logits_equal_the_dense_heads_at_valid_slots():
+    torch.manual_seed(0)
+    head = LinearByteHead(8, 4, 260)
+    h = torch.randn(6, 8)
+    lengths = torch.tensor([1, 4, 2, 7, 3, 1])
+    valid = torch.arange(4) < lengths[:, None]
+    dense = head(h, None)[valid]
+    assert torch.allclose(head.slot_logits(h, None, valid), dense, atol=1e-6)
+
+
+def test_heads_are_capped_at_the_longest_student_token(tokenizers, corpus_texts):
+    sides = side(tokenizers, "byte"), side(tokenizers, "bytelevel_bpe")
+    assert setup_pair(*sides, corpus_texts)[3].n_bytes == 1
+    student = side(tokenizers, "sentencepiece_bpe")
+    longest = max(len(b) for b in student.token_bytes if b)
+    assert setup_pair(student, sides[1], corpus_texts)[3].n_bytes == min(10, longest)
+
+
 def test_byte_kl_matches_its_definition():
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(5, 260, generator=g), -1)
@@ -141,10 +159,11 @@ def test_transformer_head_conditions_on_previous_bytes_only(sides, corpus_texts)
     prev = torch.randint(0, 256, (3, method.n_bytes))
     out1 = method.head(h, prev)
     prev2 = prev.clone()
-    prev2[:, 5] = (prev2[:, 5] + 1) % 256
+    k = method.n_bytes - 2  # changing byte k may only move the predictions of bytes > k
+    prev2[:, k] = (prev2[:, k] + 1) % 256
     out2 = method.head(h, prev2)
-    assert torch.allclose(out1[:, :6], out2[:, :6], atol=1e-5)  # byte j sees only bytes < j
-    assert not torch.allclose(out1[:, 6:], out2[:, 6:])
+    assert torch.allclose(out1[:, : k + 1], out2[:, : k + 1], atol=1e-5)
+    assert not torch.allclose(out1[:, k + 1:], out2[:, k + 1:])
     s_out = student(input_ids=batch["student_input_ids"], output_hidden_states=True)
     loss, _ = method.loss(batch, s_out, OnlineTeacher(teacher)(batch))
     loss.backward()
