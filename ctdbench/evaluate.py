@@ -183,7 +183,8 @@ def render_tasks(data_dir: Path, out_dir: Path, task_dir: Path = TASK_DIR) -> Pa
 
 
 def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_size: int = 16,
-                   max_length: int | None = None, limit: int | None = None, device: str = "cpu") -> dict:
+                   max_length: int | None = None, limit: int | None = None, device: str = "cpu",
+                   apply_chat_template: bool = False, fewshot_as_multiturn: bool = False) -> dict:
     """Run lm-eval on a saved causal LM and write ``out_path`` (see :func:`read_eval`).
 
     Args:
@@ -198,6 +199,8 @@ def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_
             many predicted tokens. ``None`` uses the model's maximum positions.
         limit: Documents per task (a prefix, for smoke tests); ``None`` for all.
         device: Torch device for the model.
+        apply_chat_template, fewshot_as_multiturn: lm-eval's chat settings, for instruction-tuned
+            models at paper scale (recorded in ``lm_eval.chat``); the tokenizer's own template.
 
     Returns:
         The dictionary written to ``out_path``.
@@ -221,7 +224,9 @@ def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_
         manager = TaskManager(include_path=str(include), include_defaults=bool(builtin))
         with torch.inference_mode():
             raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          batch_size=batch_size, device=device, log_samples=False)
+                                          batch_size=batch_size, device=device, log_samples=False,
+                                          apply_chat_template=apply_chat_template,
+                                          fewshot_as_multiturn=fewshot_as_multiturn)
     result = {
         "model_dir": str(model_dir),
         "tasks": {task: _flat_metrics(metrics) for task, metrics in raw["results"].items()},
@@ -233,6 +238,8 @@ def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_
             "config": {**raw.get("config", {}), "max_length": lm.max_length,
                        "prefix_token_id": lm.prefix_token_id, "tokenizer_class": type(tokenizer).__name__},
             "date": datetime.datetime.fromtimestamp(raw["date"], datetime.timezone.utc).isoformat(),
+            "chat": {"apply_chat_template": apply_chat_template, "fewshot_as_multiturn": fewshot_as_multiturn,
+                     "chat_template": getattr(tokenizer, "chat_template", None) if apply_chat_template else None},
         },
         "timing": {"seconds": round(time.perf_counter() - start, 3)},
     }

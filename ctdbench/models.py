@@ -4,7 +4,9 @@ A model spec is either a local architecture::
 
     {arch: llama | gpt_neox | gpt2, layers, hidden, heads, ffn, tie_embeddings}
 
-or a checkpoint ``{hf: <name or path>, dtype: bfloat16, ...}`` for users with internet and GPUs.
+or a checkpoint ``{hf: <name or path>, dtype: bfloat16, fvt: true}`` for users with internet and
+GPUs; ``fvt`` moves the checkpoint to the given tokenizer by Fast Vocabulary Transfer
+(``ctdbench.fvt``), its own tokenizer being loaded from the same name.
 From-scratch models are built under a fixed seed, so every method of a pair starts from the
 same student initialisation per seed.
 """
@@ -60,7 +62,13 @@ def build_model(spec: dict, tokenizer, *, seed: int, max_positions: int) -> PreT
         max_positions: longest sequence the model must handle, in tokens.
     """
     if "hf" in spec:
-        return load_model(spec["hf"], dtype=spec.get("dtype"))
+        model = load_model(spec["hf"], dtype=spec.get("dtype"))
+        if spec.get("fvt"):  # the checkpoint moved to ``tokenizer`` (paper-scale tokenizer transfer)
+            from ctdbench.fvt import fvt_transfer
+            from ctdbench.tokenizers import load_tokenizer
+
+            fvt_transfer(model, load_tokenizer(spec["hf"]), tokenizer)
+        return model
     special = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -44,6 +44,8 @@ def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
         "train": config["distill"]["train"],
         "data": config["distill"].get("data", {}),
         "device": config.get("device", "auto"),
+        # Only when set: a key added to every spec would rerun every existing run.
+        **({"lora": config["distill"]["lora"]} if config["distill"].get("lora") else {}),
     }
 
 

@@ -1,5 +1,8 @@
 """Shared fixtures: the tiny offline corpus, tokenizers of both families trained on it."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ from ctdbench.data import Side
 from ctdbench.tokbytes import token_bytes
 from ctdbench.tokenizers import train_tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 SHARED_TOKENIZERS = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
 
@@ -47,3 +51,16 @@ def shared_tokenizer():
         return PreTrainedTokenizerFast(tokenizer_file=str(path))
 
     return load
+
+
+@pytest.fixture(scope="session")
+def run_snakemake():
+    """``run(workdir, *args)``: this repository's Snakefile run in ``workdir``, output captured."""
+
+    def run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+        # The rules call the `ctdbench` console script of this environment.
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
+
+    return run

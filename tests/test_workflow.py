@@ -2,29 +2,18 @@
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [*SNAKEMAKE, "--directory", str(workdir), *args]
-    # The rules call the `ctdbench` console script of this environment.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, run_snakemake):
     workdir = tmp_path_factory.mktemp("smoke")
-    result = snakemake(workdir, "--cores", "2", "--configfile", str(REPO / "workflows/config/smoke.yaml"))
+    result = run_snakemake(workdir, "--cores", "2", "--configfile", str(REPO / "workflows/config/smoke.yaml"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir / "results" / "smoke"
 
@@ -73,25 +62,25 @@ def test_students_load_as_plain_hf_models(smoke_run):
 
 
 @pytest.mark.slow
-def test_plots_target_regenerates_figures_without_training(smoke_run):
+def test_plots_target_regenerates_figures_without_training(smoke_run, run_snakemake):
     workdir = smoke_run.parent.parent
     shutil.rmtree(smoke_run / "figures")
     (smoke_run / "summary.csv").unlink()
-    result = snakemake(workdir, "plots", "--cores", "1", "--configfile", str(REPO / "workflows/config/smoke.yaml"))
+    result = run_snakemake(workdir, "plots", "--cores", "1", "--configfile", str(REPO / "workflows/config/smoke.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (smoke_run / "summary.csv").exists() and (smoke_run / "figures" / "cost.png").exists()
     assert "distill" not in result.stderr.split("Job stats")[-1].split("Reasons")[0]
 
 
-def test_default_config_plans(tmp_path):
-    result = snakemake(tmp_path, "-n", "--cores", "2")
+def test_default_config_plans(tmp_path, run_snakemake):
+    result = run_snakemake(tmp_path, "-n", "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "teacher_cache" in result.stdout and "distill" in result.stdout
 
 
-def test_invalid_config_fails_before_any_job(tmp_path):
+def test_invalid_config_fails_before_any_job(tmp_path, run_snakemake):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "workflows/config/smoke.yaml").read_text().replace("steps: 6", "stpes: 6"))
-    result = snakemake(tmp_path, "-n", "--configfile", str(bad))
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(bad))
     assert result.returncode != 0
     assert "distill.train.stpes" in result.stdout + result.stderr

@@ -11,6 +11,8 @@ rule evaluate_student:
     params:
         spec=as_arg(ctd_specs.evaluate_spec(config)),
     threads: 1
+    resources:
+        gpu=lambda w: 1 if config.get("device") == "cuda" else 0,
     log:
         f"{LOGS}/evaluate/{{pair}}/{{method}}/seed{{seed}}.log",
     benchmark:
@@ -29,6 +31,8 @@ rule evaluate_teacher:
     params:
         spec=as_arg(ctd_specs.evaluate_spec(config)),
     threads: 1
+    resources:
+        gpu=lambda w: 1 if config.get("device") == "cuda" else 0,
     log:
         f"{LOGS}/evaluate/teacher_{{teacher}}.log",
     benchmark:
