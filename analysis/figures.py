@@ -27,6 +27,8 @@ METRIC_LABELS = {
     "acc_bytes": ("accuracy, choice log-lik. per byte", True),
     "kl_per_byte": ("KL(teacher || student), bits per byte", False),
     "top1": ("top-1 next-byte agreement (fraction)", True),
+    "kl_boundary": ("KL(teacher || student) at shared token starts, bits per byte", False),
+    "top1_boundary": ("top-1 next-byte agreement at shared token starts", True),
     "seconds_per_step": ("seconds per optimizer step (s)", False),
     "peak_rss_mb": ("peak CPU memory, RSS (MB)", False),
     "peak_cuda_mb": ("peak GPU memory (MB)", False),

@@ -229,8 +229,9 @@ def cmd_evaluate(args) -> None:
         texts = [d.text for d in read_jsonl(Path(args.data) / "heldout.jsonl")][: spec["agreement_passages"]]
         result = byte_agreement(load_model(args.teacher).eval(), _side(args.teacher), load_model(args.model).eval(),
                                 _side(args.model), texts)
-        report["tasks"]["byte_agreement"] = {"kl_per_byte": result["kl_per_byte"], "top1": result["top1"]}
-        report["agreement"] = {"passages": len(texts), "n_bytes": result["n_bytes"], "converter": "a0"}
+        report["tasks"]["byte_agreement"] = {k: result[k] for k in ("kl_per_byte", "top1", "kl_boundary", "top1_boundary")}
+        report["agreement"] = {"passages": len(texts), "n_bytes": result["n_bytes"],
+                               "n_boundary_bytes": result["n_boundary_bytes"], "converter": "a0"}
         _write_json(Path(args.out), report)
 
 

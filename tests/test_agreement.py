@@ -30,30 +30,41 @@ TEXTS = ["Now is the winter of our discontent", "  Naïve café — 東京\nSo f
 def test_one_row_per_text_byte(models, kind):
     model, side = models[kind]
     for text in TEXTS:
-        q = byte_distributions(model, side, VocabByteIndex.build(side.token_bytes), text)
-        assert q.shape[0] == len(text.encode("utf-8"))
+        q, starts = byte_distributions(model, side, VocabByteIndex.build(side.token_bytes), text)
+        assert q.shape[0] == len(starts) == len(text.encode("utf-8"))
         assert torch.allclose(q.sum(-1), torch.ones(len(q)), atol=1e-5)
+        spans = side.encode(text)
+        assert starts.nonzero().squeeze(1).tolist() == sorted({s for s, e in zip(spans.starts, spans.ends) if e > s})
 
 
 def test_a_model_agrees_with_itself(models):
     model, side = models["sentencepiece_bpe"]
     result = byte_agreement(model, side, model, side, TEXTS)
     assert result["kl_per_byte"] == pytest.approx(0, abs=1e-6)
-    assert result["top1"] == 1.0
+    assert result["kl_boundary"] == pytest.approx(0, abs=1e-6)
+    assert result["top1"] == result["top1_boundary"] == 1.0
     assert result["n_bytes"] == sum(len(t.encode("utf-8")) for t in TEXTS)
 
 
-def test_kl_and_top1_follow_their_definition(models):
-    (t_model, t_side), (s_model, s_side) = models["bytelevel_bpe"], models["byte"]
+@pytest.mark.parametrize("student", ["byte", "sentencepiece_bpe"])
+def test_kl_and_top1_follow_their_definition(models, student):
+    (t_model, t_side), (s_model, s_side) = models["bytelevel_bpe"], models[student]
     result = byte_agreement(t_model, t_side, s_model, s_side, TEXTS)
-    kl, agree, n = 0.0, 0, 0
+    kl, agree, n = [0.0, 0.0], [0, 0], [0, 0]  # all bytes, shared token starts
     for text in TEXTS:
-        qt = byte_distributions(t_model, t_side, VocabByteIndex.build(t_side.token_bytes), text).double()
-        qs = byte_distributions(s_model, s_side, VocabByteIndex.build(s_side.token_bytes), text).double()
+        qt, t_starts = byte_distributions(t_model, t_side, VocabByteIndex.build(t_side.token_bytes), text)
+        qs, s_starts = byte_distributions(s_model, s_side, VocabByteIndex.build(s_side.token_bytes), text)
+        qt, qs = qt.double(), qs.double()
         for a in range(len(qt)):
-            kl += sum(float(qt[a, b] * math.log2(qt[a, b] / qs[a, b])) for b in range(qt.shape[1]) if qt[a, b] > 0)
-            agree += int(qt[a].argmax() == qs[a].argmax())
-            n += 1
-    assert result["kl_per_byte"] == pytest.approx(kl / n, rel=1e-4)
-    assert result["top1"] == agree / n
-    assert result["kl_per_byte"] > 0.01
+            # Student probabilities floored at 1e-12, as documented.
+            term = sum(float(qt[a, b] * math.log2(qt[a, b] / max(qs[a, b], 1e-12)))
+                       for b in range(qt.shape[1]) if qt[a, b] > 0)
+            for k in ([0, 1] if t_starts[a] and s_starts[a] else [0]):
+                kl[k] += term
+                agree[k] += int(qt[a].argmax() == qs[a].argmax())
+                n[k] += 1
+    assert result["kl_per_byte"] == pytest.approx(kl[0] / n[0], rel=1e-4)
+    assert result["top1"] == agree[0] / n[0]
+    assert result["kl_boundary"] == pytest.approx(kl[1] / n[1], rel=1e-4)
+    assert result["top1_boundary"] == agree[1] / n[1]
+    assert result["n_boundary_bytes"] == n[1] < n[0] and result["kl_per_byte"] > 0.01

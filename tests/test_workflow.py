@@ -28,8 +28,8 @@ def test_smoke_workflow_produces_table_and_figures(smoke_run):
     assert len(bpb) == (4 + 2) * 2 + 2  # (4 + 2 methods of the pairs) x 2 seeds + the teacher per pair
     assert all(0 < float(r["value"]) < 9 for r in bpb)
     agreement = [r for r in rows if r["task"] == "byte_agreement"]
-    assert {r["metric"] for r in agreement} == {"kl_per_byte", "top1"}
-    assert len(agreement) == 2 * (4 + 2) * 2  # every student, no teacher row
+    assert {r["metric"] for r in agreement} == {"kl_per_byte", "top1", "kl_boundary", "top1_boundary"}
+    assert len(agreement) == 4 * (4 + 2) * 2  # every student, no teacher row
     figures = {p.name for p in (smoke_run / "figures").glob("*.png")}
     assert {"ctd_heldout__bits_per_byte.png", "ctd_cloze__acc.png", "learning_curves.png", "cost.png",
             "byte_agreement__kl_per_byte.png"} <= figures
