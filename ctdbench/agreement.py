@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ctdbench.byteprob import VocabByteIndex, next_byte_distributions
+from ctdbench.byteprob import VocabByteIndex, next_byte_distributions, text_rows
 from ctdbench.data import Side
 
 FLOOR = 1e-12
@@ -43,10 +43,11 @@ def byte_distributions(model, side: Side, index: VocabByteIndex, text: str) -> t
     ids = torch.tensor(spans.ids, device=next(model.parameters()).device)
     logp = model(input_ids=ids[None]).logits[0, :-1].float().log_softmax(-1)  # row k predicts token k + 1
     q = next_byte_distributions(logp, ids[1:], side.token_bytes, index=index)
-    extra = q.shape[0] - len(text.encode("utf-8"))
-    starts = torch.zeros(q.shape[0] - extra, dtype=torch.bool)
+    span = torch.tensor(spans.ends[1:]) - torch.tensor(spans.starts[1:])
+    q = q[text_rows(index.token_len[ids[1:].cpu()].to(q.device), span.to(q.device))]  # drop dummy-prefix spaces
+    starts = torch.zeros(len(q), dtype=torch.bool)
     starts[[s for s, e in zip(spans.starts, spans.ends) if e > s]] = True
-    return q[extra:], starts  # a SentencePiece dummy-prefix space is not part of the text
+    return q, starts
 
 
 def byte_agreement(teacher, teacher_side: Side, student, student_side: Side, texts: list[str]) -> dict:

@@ -63,3 +63,16 @@ def chunks(teacher_token_bytes: list[bytes | None], student_token_bytes: list[by
         (int(t_pos[a]), int(t_pos[b - 1]) + 1, int(s_pos[c]), int(s_pos[d - 1]) + 1)
         for a, b, c, d in zip(t_first, t_last, s_first, s_last)
     ]
+
+
+def target_chunks(found: list[tuple[int, int, int, int]], teacher_loss: list[bool] | None,
+                  student_loss: list[bool] | None) -> list[tuple[int, int, int, int]]:
+    """The chunks whose tokens are all training targets on both sides (chat data trains on the
+    assistant turns only, ``ctdbench.data.Side.encode``); ``None`` = every token is a target."""
+    keep = np.ones(len(found), dtype=bool)
+    c = np.array(found, dtype=np.int64).reshape(-1, 4)
+    for loss, lo, hi in ((teacher_loss, 0, 1), (student_loss, 2, 3)):
+        if loss is not None:
+            misses = np.concatenate([[0], np.cumsum(~np.asarray(loss, dtype=bool))])  # non-targets before each token
+            keep &= misses[c[:, hi]] == misses[c[:, lo]]
+    return [ch for ch, k in zip(found, keep) if k]

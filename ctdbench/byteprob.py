@@ -277,6 +277,24 @@ def next_byte_distributions_batch(
     return out, n_bytes
 
 
+def text_rows(token_len: Tensor, span_len: Tensor) -> Tensor:
+    """Which output rows are bytes of the text, for tokens whose spans may be shorter than their bytes.
+
+    Each token gives ``token_len`` rows (its vocabulary bytes) but covers only ``span_len`` bytes
+    of the text: a SentencePiece dummy-prefix space, at the start of the text or after a special
+    token, is in the token and not in the text, so its row is dropped.
+
+    Args:
+        token_len / span_len: [N] per converted token, in output order.
+
+    Returns:
+        [sum(token_len)] bool.
+    """
+    tok = torch.repeat_interleave(torch.arange(len(token_len), device=token_len.device), token_len)
+    within = torch.arange(len(tok), device=token_len.device) - (torch.cumsum(token_len, 0) - token_len)[tok]
+    return within >= (token_len - span_len)[tok]
+
+
 def _convert(lp: Tensor, rows: Tensor, ids: Tensor, first: Tensor | None, ix: VocabByteIndex, mode: str,
              special_ids: Sequence[int], row_chunk: int | None) -> Tensor:
     """Shared body. lp [*, V]; rows [M] the row of lp of each token; ids [M]; first [M] bool

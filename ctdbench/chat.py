@@ -2,9 +2,9 @@
 
 The loss of chat SFT data (Tulu-3, OpenMathInstruct-2) is on assistant turns only. Because the two
 sides of a pair tokenize differently, the mask is defined on *bytes*, not tokens: ``render_chat``
-returns the rendered text and the UTF-8 byte spans of the assistant contents, and
-``assistant_token_mask`` turns them into a per-token mask for any tokenization with byte spans
-(``ctdbench.data.Side.encode``).
+returns the rendered text and the UTF-8 byte spans of the assistant contents; the corpus stores
+them with each document (``loss_spans``) and ``ctdbench.data.Side.encode`` turns them into a
+per-token loss mask for either side's tokenization.
 
 Finding the spans. The template is rendered once with every assistant content replaced by a unique
 sentinel (private-use characters around the message index), which gives the scaffolding and where
@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-import numpy as np
 from transformers.utils.chat_template_utils import render_jinja_template
 
 # End-of-turn markers recognised right after an assistant content (longest match wins).
@@ -151,26 +150,6 @@ def render_chat(
             f"it?): at character {at} it renders {text[at:at + 30]!r} where {expected[at:at + 30]!r} was expected"
         )
     return text, [spans[i] for i in assistant]
-
-
-def assistant_token_mask(starts, ends, spans: Iterable[tuple[int, int]]) -> np.ndarray:
-    """Boolean mask over tokens: True iff the token's byte span ``[start, end)`` shares a byte with a span.
-
-    A token straddling a span boundary is a target (its prediction produces assistant bytes); an
-    empty token (BOS, a bare SentencePiece dummy prefix, both at [0, 0)) never is. ``spans`` must
-    not overlap (``render_chat``'s never do); empty spans are ignored.
-    """
-    s, e = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
-    sp = np.array(sorted((a, b) for a, b in spans if b > a), dtype=np.int64).reshape(-1, 2)
-    if len(sp) and np.any(sp[1:, 0] < sp[:-1, 1]):
-        raise ValueError("assistant spans overlap")
-    if not len(sp):
-        return np.zeros(s.shape, dtype=bool)
-    # The first span ending after the token's start is the only candidate: later ones start later.
-    k = np.searchsorted(sp[:, 1], s, side="right")
-    inside = k < len(sp)
-    k = np.minimum(k, len(sp) - 1)
-    return inside & (sp[k, 0] < e) & (s < e)
 
 
 def messages_from_row(row: Mapping) -> list[dict]:

@@ -80,15 +80,18 @@ def cmd_tokenizer(args) -> None:
         tok = load_tokenizer(spec["hf"])
     else:
         tok = train_tokenizer(spec["kind"], (d.text for d in read_jsonl(args.train)), spec.get("vocab_size"))
+    # Chat markers the pair's template writes (the teacher's): whole special tokens on both sides.
+    # (A marker the trained vocabulary already holds as an ordinary token keeps its id, now special.)
+    tok.add_tokens(spec.get("add_special_tokens", []), special_tokens=True)
     tok.save_pretrained(args.out)
 
 
-def _segments(data_dir: Path, split: str, data_spec: dict, max_bytes_key: str) -> list[str]:
+def _segments(data_dir: Path, split: str, data_spec: dict, max_bytes_key: str) -> list:
     from ctdbench.corpus import read_jsonl
     from ctdbench.data import take_segments
 
     docs = read_jsonl(data_dir / f"{split}.jsonl")
-    return take_segments([d.text for d in docs], data_spec.get("segment_bytes", 512), data_spec.get(max_bytes_key))
+    return take_segments(docs, data_spec.get("segment_bytes", 512), data_spec.get(max_bytes_key))
 
 
 def _side(tokenizer_dir: str):

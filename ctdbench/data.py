@@ -11,8 +11,10 @@ where it stopped.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ctdbench.tokbytes import TokenSpans, encode_with_spans
@@ -24,6 +26,11 @@ def segment_text(text: str, segment_bytes: int) -> list[str]:
     Pieces end at line boundaries where possible; a longer line is cut at its last space that
     fits, else at a character boundary. Concatenating the pieces gives back ``text``.
     """
+    return [p for p in _pieces(text, segment_bytes) if p.strip()]
+
+
+def _pieces(text: str, segment_bytes: int) -> list[str]:
+    """:func:`segment_text` before dropping whitespace-only pieces (they keep the byte offsets)."""
     pieces: list[str] = []
     current: list[str] = []
     size = 0
@@ -41,7 +48,7 @@ def segment_text(text: str, segment_bytes: int) -> list[str]:
         size += n
     if current:
         pieces.append("".join(current))
-    return [p for p in pieces if p.strip()]
+    return pieces
 
 
 def _cut(line: str, limit: int) -> str:
@@ -51,43 +58,129 @@ def _cut(line: str, limit: int) -> str:
     return head[: space + 1] if space > 0 else head
 
 
-def take_segments(texts: list[str], segment_bytes: int, max_bytes: int | None) -> list[str]:
-    """Segments of the documents in order, stopping once ``max_bytes`` bytes are collected."""
-    out: list[str] = []
+Spans = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A training text and the UTF-8 byte spans of it that are training targets (None = all of
+    it; chat data trains on the assistant turns only, see ``ctdbench.chat``)."""
+
+    text: str
+    loss_spans: Spans | None = None
+
+
+def segment_document(text: str, loss_spans: Spans | None, segment_bytes: int) -> list[Segment]:
+    """:func:`segment_text` carrying ``loss_spans`` into each piece (clipped, shifted); a piece of
+    a document with loss spans that holds no target byte is dropped: it would train nothing."""
+    out, offset = [], 0
+    for piece in _pieces(text, segment_bytes):
+        n = len(piece.encode("utf-8"))
+        spans = None if loss_spans is None else tuple(
+            (max(a, offset) - offset, min(b, offset + n) - offset) for a, b in loss_spans
+            if min(b, offset + n) > max(a, offset))
+        if piece.strip() and spans != ():
+            out.append(Segment(piece, spans))
+        offset += n
+    return out
+
+
+def take_segments(docs, segment_bytes: int, max_bytes: int | None) -> list[Segment]:
+    """Segments of the documents in order, stopping once ``max_bytes`` bytes are collected.
+
+    ``docs``: strings, or objects with ``text`` and ``loss_spans`` (``ctdbench.corpus.Document``).
+    """
+    out: list[Segment] = []
     total = 0
-    for text in texts:
-        for seg in segment_text(text, segment_bytes):
+    for doc in docs:
+        text, spans = (doc, None) if isinstance(doc, str) else (doc.text, doc.loss_spans)
+        for seg in segment_document(text, spans, segment_bytes):
             if max_bytes is not None and total >= max_bytes:
                 return out
             out.append(seg)
-            total += len(seg.encode("utf-8"))
+            total += len(seg.text.encode("utf-8"))
     return out
 
 
 @dataclass
 class Side:
-    """One tokenizer's view of the data: the tokenizer, its byte table, its BOS id."""
+    """One tokenizer's view of the data: the tokenizer, its byte table, its BOS id.
+
+    Special tokens written out in a text (chat markers such as ``<|eot_id|>``) are kept whole:
+    the text is split at them and each becomes its own token without bytes, so the shared byte
+    stream of a pair is the text *without* those strings (:meth:`content`); both sides of a pair
+    must know the same markers (``PairedDataset`` checks).
+    """
 
     tokenizer: object
     token_bytes: list[bytes | None]
 
+    def __post_init__(self):
+        self.special_ids = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items()
+                            if i < len(self.token_bytes) and self.token_bytes[i] is None}
+        names = sorted(self.special_ids, key=len, reverse=True)  # longest first: no marker eats another
+        self._specials = re.compile("|".join(map(re.escape, names))) if names else None
+
     @property
     def bos_id(self) -> int:
-        return self.tokenizer.bos_token_id
+        """The BOS id, or EOS for tokenizers without one (Qwen2), as lm-eval's prefix token."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def encode(self, text: str) -> TokenSpans:
-        """Tokens of ``text`` with BOS in front; BOS has the empty span [0, 0)."""
+    def markers(self, text: str) -> set[str]:
+        """The special-token strings written out in ``text``."""
+        return set(self._specials.findall(text)) if self._specials else set()
+
+    def content(self, text: str) -> str:
+        """``text`` without its special-token strings: the bytes the tokens' spans refer to."""
+        return self._specials.sub("", text) if self._specials else text
+
+    def encode(self, text: str, loss_spans: Spans | None = None) -> TokenSpans:
+        """Tokens of ``text`` with BOS in front; BOS has the empty span [0, 0).
+
+        Spans index :meth:`content`: special-token strings get empty spans there. ``loss_spans``
+        (byte spans of ``text`` itself) give ``TokenSpans.loss``: a token is a target iff its
+        bytes, a marker's string included, overlap a span.
+        """
         enc = encode_with_spans(self.tokenizer, text, self.token_bytes)
-        return TokenSpans([self.bos_id, *enc.ids], [0, *enc.starts], [0, *enc.ends])
+        starts, ends = np.asarray(enc.starts, dtype=np.int64), np.asarray(enc.ends, dtype=np.int64)
+        # Shift every span left by the marker bytes before it; a marker itself shrinks to empty.
+        marker = np.array([self.token_bytes[i] is None for i in enc.ids], dtype=bool)
+        removed = np.cumsum(np.where(marker, ends - starts, 0))
+        before = removed - np.where(marker, ends - starts, 0)
+        loss = None if loss_spans is None else [False, *span_token_mask(starts, ends, loss_spans).tolist()]
+        return TokenSpans([self.bos_id, *enc.ids], [0, *(starts - before).tolist()], [0, *(ends - removed).tolist()],
+                          loss)
+
+
+def span_token_mask(starts, ends, spans) -> np.ndarray:
+    """Boolean mask over tokens: True iff the token's byte span ``[start, end)`` shares a byte with a span.
+
+    A token straddling a span boundary is a target (its prediction produces target bytes); an
+    empty token (BOS, a bare SentencePiece dummy prefix) never is. ``spans`` must not overlap;
+    empty spans are ignored.
+    """
+    s, e = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    sp = np.array(sorted((a, b) for a, b in spans if b > a), dtype=np.int64).reshape(-1, 2)
+    if len(sp) and np.any(sp[1:, 0] < sp[:-1, 1]):
+        raise ValueError("loss spans overlap")
+    if not len(sp):
+        return np.zeros(s.shape, dtype=bool)
+    # The first span ending after the token's start is the only candidate: later ones start later.
+    k = np.searchsorted(sp[:, 1], s, side="right")
+    inside = k < len(sp)
+    k = np.minimum(k, len(sp) - 1)
+    return inside & (sp[k, 0] < e) & (s < e)
 
 
 @dataclass
 class PairedExample:
-    """One segment as both sides see it."""
+    """One segment as both sides see it: ``text`` is the shared byte stream (the segment without
+    special-token strings), the sides' spans index it."""
 
     index: int
     text: bytes
@@ -98,14 +191,22 @@ class PairedExample:
 class PairedDataset(torch.utils.data.Dataset):
     """Segments tokenized once by the student side and, optionally, the teacher side."""
 
-    def __init__(self, segments: list[str], student: Side, teacher: Side | None = None):
+    def __init__(self, segments: list[str | Segment], student: Side, teacher: Side | None = None):
         self.student, self.teacher = student, teacher
-        self.examples = [
-            PairedExample(
-                i, seg.encode("utf-8"), student.encode(seg), teacher.encode(seg) if teacher else None
-            )
-            for i, seg in enumerate(segments)
-        ]
+        self.examples = [self._example(i, seg if isinstance(seg, Segment) else Segment(seg))
+                         for i, seg in enumerate(segments)]
+
+    def _example(self, index: int, seg: Segment) -> PairedExample:
+        if self.teacher is not None and self.student.markers(seg.text) != self.teacher.markers(seg.text):
+            student, teacher = self.student.markers(seg.text), self.teacher.markers(seg.text)
+            raise ValueError(
+                f"segment {index}: special tokens {sorted(student ^ teacher)} are special for only one side "
+                f"(student: {sorted(student) or 'none'}, teacher: {sorted(teacher) or 'none'}), so the two "
+                "tokenizations would not spell the same bytes; add them to the other tokenizer "
+                "(tokenizers.<name>.add_special_tokens)")
+        return PairedExample(index, self.student.content(seg.text).encode("utf-8"),
+                             self.student.encode(seg.text, seg.loss_spans),
+                             self.teacher.encode(seg.text, seg.loss_spans) if self.teacher else None)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -127,9 +228,14 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def _side_tensors(prefix: str, spans: list[TokenSpans], pad_id: int) -> dict[str, torch.Tensor]:
+    """Ids, masks and byte spans of one side. ``attention_mask`` marks real tokens (the model's
+    input); ``loss_mask`` the training targets among them, which every method's loss is
+    restricted to (all real tokens, or chat data's assistant tokens)."""
     return {
         f"{prefix}_input_ids": _pad([s.ids for s in spans], pad_id),
         f"{prefix}_attention_mask": _pad([[1] * len(s.ids) for s in spans], 0),
+        f"{prefix}_loss_mask": _pad([[1] * len(s.ids) if s.loss is None else [int(x) for x in s.loss]
+                                     for s in spans], 0),
         f"{prefix}_byte_starts": _pad([s.starts for s in spans], 0),
         f"{prefix}_byte_ends": _pad([s.ends for s in spans], 0),
     }

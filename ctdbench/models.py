@@ -63,7 +63,9 @@ def build_model(spec: dict, tokenizer, *, seed: int, max_positions: int) -> PreT
     """
     if "hf" in spec:
         model = load_model(spec["hf"], dtype=spec.get("dtype"))
-        if spec.get("fvt"):  # the checkpoint moved to ``tokenizer`` (paper-scale tokenizer transfer)
+        # FVT moves the checkpoint to ``tokenizer`` (paper-scale tokenizer transfer), and also
+        # gives it rows for tokens its own vocabulary lacks (chat markers added to it).
+        if spec.get("fvt") or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             from ctdbench.fvt import fvt_transfer
             from ctdbench.tokenizers import load_tokenizer
 

@@ -159,14 +159,17 @@ class TokenSpans:
     ids: list[int]
     starts: list[int]
     ends: list[int]
+    loss: list[bool] | None = None  # per token: is it a training target (None = every token)
 
 
 def encode_with_spans(tokenizer, text: str, table: list[bytes | None]) -> TokenSpans:
     """Tokenize ``text`` (no special tokens added) and locate every token in ``text.encode()``.
 
-    The tokens' bytes must spell the text exactly, except for a prefix space the tokenizer adds
-    (the SentencePiece dummy prefix): it is not part of the text, so the first token's span
-    leaves it out (and is empty when that token is just the space). A token that ends inside a
+    Ordinary tokens' bytes must spell the text exactly, except for a space the tokenizer puts in
+    front of the text or of a section after a special token (the SentencePiece dummy prefix): it
+    is not part of the text, so that token's span leaves it out (and is empty when the token is
+    just the space). A special token written out in the text (a chat marker such as
+    ``<|eot_id|>``; HF tokenizers split them out) spans its string. A token that ends inside a
     multi-byte character simply gets a span ending there.
 
     Args:
@@ -175,30 +178,53 @@ def encode_with_spans(tokenizer, text: str, table: list[bytes | None]) -> TokenS
         table: ``token_bytes(tokenizer)``.
 
     Raises:
-        UnsupportedTokenizerError: if the tokens do not spell the text (a normalizer changed it)
-            or the text contains a special token's string.
+        UnsupportedTokenizerError: if the tokens do not spell the text (a normalizer changed it,
+            or a special token absorbs surrounding whitespace).
     """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    pieces = [table[i] for i in ids]
-    if None in pieces:
-        i = ids[pieces.index(None)]
-        raise UnsupportedTokenizerError(
-            f"the text contains the special token {tokenizer.convert_ids_to_tokens(i)!r} (id {i}), which has no bytes"
-        )
     data = text.encode("utf-8")
-    joined = b"".join(pieces)
-    offset = 0
-    if joined != data:
-        if joined != b" " + data:
-            at = next((k for k, (a, b) in enumerate(zip(joined, data)) if a != b), min(len(joined), len(data)))
+    starts, ends, pos, k = [], [], 0, 0
+    while k < len(ids):
+        if table[ids[k]] is None:  # a special token: its string must be right here
+            marker = _marker(tokenizer, ids[k])
+            if not data.startswith(marker, pos):
+                raise UnsupportedTokenizerError(
+                    f"the special token {marker.decode()!r} (id {ids[k]}) does not match the text at byte {pos} "
+                    f"({data[pos:pos + 20]!r}): does it strip surrounding whitespace?")
+            starts.append(pos)
+            pos += len(marker)
+            ends.append(pos)
+            k += 1
+            continue
+        # A section: the ordinary tokens up to the next special token (or the end). It spells the
+        # text up to that token's marker, possibly after a dummy-prefix space.
+        m = k
+        while m < len(ids) and table[ids[m]] is not None:
+            m += 1
+        pieces = [table[i] for i in ids[k:m]]
+        joined = b"".join(pieces)
+        after = _marker(tokenizer, ids[m]) if m < len(ids) else b""
+
+        def spells(section: bytes) -> bool:
+            end = pos + len(section)
+            return data.startswith(section, pos) and (data.startswith(after, end) if after else end == len(data))
+
+        skip = 0 if spells(joined) else 1 if joined[:1] == b" " and spells(joined[1:]) else None
+        if skip is None:
+            at = next((j for j, (x, y) in enumerate(zip(joined, data[pos:])) if x != y), min(len(joined), len(data) - pos))
             raise UnsupportedTokenizerError(
-                f"the tokenizer changes the text (a normalizer?): its tokens spell {joined[at:at + 20]!r} at byte {at} "
-                f"where the text has {data[at:at + 20]!r}"
-            )
-        offset = 1  # the dummy prefix
-    starts, ends, pos = [], [], -offset
-    for p in pieces:
-        starts.append(max(pos, 0))
-        pos += len(p)
-        ends.append(max(pos, 0))
+                f"the tokenizer changes the text (a normalizer? a special token that strips whitespace?): its tokens "
+                f"spell {joined[at:at + 20]!r}{' then ' + repr(after) if at == len(joined) else ''} at byte "
+                f"{pos + at} where the text has {data[pos + at:pos + at + 20]!r}")
+        p = pos - skip
+        for piece in pieces:
+            starts.append(max(p, pos))
+            p += len(piece)
+            ends.append(max(p, pos))
+        pos, k = p, m
     return TokenSpans(list(ids), starts, ends)
+
+
+def _marker(tokenizer, token_id: int) -> bytes:
+    """The text a special token stands for."""
+    return tokenizer.convert_ids_to_tokens(token_id).encode("utf-8")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctdbench.align import chunks
+from ctdbench.align import chunks, target_chunks
 from methods import register
 from methods.base import DistillationMethod, logprob_cross_entropy
 
@@ -65,7 +65,7 @@ def chunk_ids(examples) -> tuple[torch.Tensor, torch.Tensor]:
         side_bytes = [
             [ex.text[s:e] if e > s else None for s, e in zip(sp.starts, sp.ends)] for sp in (ex.teacher, ex.student)
         ]
-        for c, (i0, i1, j0, j1) in enumerate(chunks(*side_bytes)):
+        for c, (i0, i1, j0, j1) in enumerate(target_chunks(chunks(*side_bytes), ex.teacher.loss, ex.student.loss)):
             ct[b, i0:i1] = c
             cs[b, j0:j1] = c
     return torch.from_numpy(ct), torch.from_numpy(cs)
@@ -165,7 +165,7 @@ class ALM(DistillationMethod):
             teacher_logp = teacher_out.logits.float().log_softmax(-1)
         # One student log-softmax serves both the ALM term and the CE term.
         student_logp = student_out.logits.float().log_softmax(-1)
-        ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
+        ids, mask = batch["student_input_ids"], batch["student_loss_mask"]
         alm = alm_loss(teacher_logp, batch["teacher_input_ids"], batch["alm_chunk_teacher"],
                        student_logp, ids, batch["alm_chunk_student"],
                        self.space_t, self.space_s, tau=self.tau, threshold=self.threshold)

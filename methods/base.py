@@ -98,8 +98,9 @@ class DistillationMethod(nn.Module):
 
         Args:
             batch: tensors from ``ctdbench.data.collate`` (``student_input_ids`` [B, Ls],
-                ``student_attention_mask`` [B, Ls], byte spans, the teacher's counterparts) plus
-                whatever :meth:`prepare` returned.
+                ``student_attention_mask`` [B, Ls] (the model's input), ``student_loss_mask``
+                [B, Ls] (the training targets: restrict every loss term to them), byte spans,
+                the teacher's counterparts) plus whatever :meth:`prepare` returned.
             student_out: the student's Hugging Face output (``logits`` [B, Ls, Vs]; plus
                 ``hidden_states`` if ``needs_hidden_states``).
             teacher_out: the teacher's output on the teacher tokenization (``logits``
@@ -137,7 +138,7 @@ def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: tor
     Args:
         logits: [B, L, V]; position t predicts ``input_ids[:, t + 1]``.
         input_ids: [B, L].
-        mask: [B, L] attention mask; a target counts if it is a real token.
+        mask: [B, L] loss mask; a target counts where it is 1.
     """
     targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -148,3 +149,25 @@ def logprob_cross_entropy(logp: torch.Tensor, input_ids: torch.Tensor, mask: tor
     nll = -logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     valid = mask[:, 1:].to(nll.dtype)
     return (nll * valid).sum() / valid.sum().clamp(min=1)
+
+
+def target_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits rows that predict a training target, left-aligned per example.
+
+    For methods that compare the two sides position by position (ULD, MultiLevelOT): the k-th
+    target of the student meets the k-th target of the teacher, as the official code compares
+    the answer tokens. With every token a target this is just ``0 .. n - 1``.
+
+    Args:
+        mask: [B, L] loss mask; row t predicts token t + 1.
+
+    Returns:
+        ``rows`` [B, K] (-1 = none) and ``counts`` [B].
+    """
+    targets = mask[:, 1:].bool()
+    counts = targets.sum(1)
+    rows = torch.full((mask.shape[0], int(counts.max()) if len(counts) else 0), -1, dtype=torch.long,
+                      device=mask.device)
+    b, t = targets.nonzero(as_tuple=True)
+    rows[b, targets.long().cumsum(1)[b, t] - 1] = t
+    return rows, counts

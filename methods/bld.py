@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctdbench.byteprob import MODES, VocabByteIndex, next_byte_distributions_batch
+from ctdbench.byteprob import MODES, VocabByteIndex, next_byte_distributions_batch, text_rows
 from methods import register
 from methods.base import DistillationMethod, token_cross_entropy
 
@@ -129,8 +129,8 @@ class BLD(DistillationMethod):
         self.special_ids = sorted(i for i in ctx.teacher_special_ids if not ctx.teacher_token_bytes[i])[:n_special]
 
     def prepare(self, examples) -> dict[str, torch.Tensor]:
-        """Byte slots of every student token: the byte's position in the batch's concatenated text
-        (-1 = no slot) and its value. [B, Ls, J] each."""
+        """Byte slots of every student token that is a training target: the byte's position in the
+        batch's concatenated text (-1 = no slot) and its value. [B, Ls, J] each."""
         width = max(len(e.student.ids) for e in examples)
         pos = np.full((len(examples), width, self.n_bytes), -1, dtype=np.int64)
         target = np.zeros((len(examples), width, self.n_bytes), dtype=np.int64)
@@ -140,6 +140,8 @@ class BLD(DistillationMethod):
             starts, ends = np.asarray(ex.student.starts), np.asarray(ex.student.ends)
             at = starts[:, None] + j
             valid = at < ends[:, None]
+            if ex.student.loss is not None:
+                valid &= np.asarray(ex.student.loss, dtype=bool)[:, None]
             text = np.frombuffer(ex.text, dtype=np.uint8)
             pos[b, : len(starts)] = np.where(valid, at + offset, -1)
             target[b, : len(starts)] = np.where(valid, text[np.minimum(at, len(text) - 1)], 0)
@@ -159,18 +161,15 @@ class BLD(DistillationMethod):
         q, n_bytes = next_byte_distributions_batch(
             logp, next_ids, None, self.conversion, mask=has_next, special_ids=self.special_ids,
             row_chunk=self.row_chunk, index=self.index)
-        # A SentencePiece teacher's dummy-prefix space is a byte in front of the text: drop its row.
-        extra = n_bytes - batch["n_bytes"].to(n_bytes.device)
-        if (extra < 0).any():
-            raise ValueError(f"teacher tokens cover {n_bytes.tolist()} bytes, the texts {batch['n_bytes'].tolist()}")
-        if extra.any():
-            example = torch.repeat_interleave(torch.arange(len(n_bytes), device=q.device), n_bytes)
-            local = torch.arange(len(q), device=q.device) - (torch.cumsum(n_bytes, 0) - n_bytes)[example]
-            q = q[local >= extra[example]]
+        # A SentencePiece teacher's dummy-prefix spaces are bytes of its tokens, not of the text.
+        span = F.pad(batch["teacher_byte_ends"] - batch["teacher_byte_starts"], (0, 1))[:, 1:]
+        q = q[text_rows(self.index.to(q.device).token_len[next_ids[has_next]], span[has_next])]
+        if len(q) != int(batch["n_bytes"].sum()):
+            raise ValueError(f"teacher tokens cover {len(q)} bytes of the text, the texts have {batch['n_bytes'].tolist()}")
         return F.pad(q, (0, self.n_symbols - q.shape[-1]))
 
     def loss(self, batch, student_out, teacher_out):
-        ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
+        ids, mask = batch["student_input_ids"], batch["student_loss_mask"]
         ce = token_cross_entropy(student_out.logits, ids, mask)
         # The hidden state at l - 1 predicts student token l: token l's slots pair with state l - 1.
         pos, target = batch["bld_pos"][:, 1:], batch["bld_target"][:, 1:]

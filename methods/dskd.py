@@ -66,7 +66,8 @@ def dskd_loss(*, student_logits, student_hidden, student_ids, student_mask, stud
 
     Args:
         student_logits: [B, Ls, Vs]; student_hidden: [B, Ls, ds] final hidden states;
-            student_ids / student_mask: [B, Ls] (HF convention: position i predicts id i + 1).
+            student_ids / student_mask: [B, Ls] ids and loss mask (HF convention: position i
+            predicts id i + 1; the mask marks the training targets).
         teacher_logits / teacher_hidden / teacher_ids / teacher_mask: the teacher's, [B, Lt, ...].
         student_embed / teacher_embed: [V, d] input embedding tables (used detached).
         student_head / teacher_head: [V, d] LM head weights (used detached: frozen).
@@ -76,7 +77,7 @@ def dskd_loss(*, student_logits, student_hidden, student_ids, student_mask, stud
         The loss and its terms (``ce``, ``t2s_ce``, ``t2s_kd``, ``s2t_kd`` (each already divided
         by the student target count), ``t2s_acc``).
     """
-    m_s, m_t = student_mask[:, 1:].bool(), teacher_mask[:, 1:].bool()       # real targets
+    m_s, m_t = student_mask[:, 1:].bool(), teacher_mask[:, 1:].bool()       # training targets
     n_s = max(int(m_s.sum()), 1)
     x_s, y_s = student_ids[:, :-1] * m_s, student_ids[:, 1:] * m_s            # pads -> id 0, as upstream
     x_t, y_t = teacher_ids[:, :-1] * m_t, teacher_ids[:, 1:] * m_t
@@ -156,11 +157,11 @@ class DSKD(DistillationMethod):
         student, teacher = self.ctx.student, self.ctx.teacher
         loss, terms = dskd_loss(
             student_logits=student_out.logits, student_hidden=student_out.hidden_states[-1],
-            student_ids=batch["student_input_ids"], student_mask=batch["student_attention_mask"],
+            student_ids=batch["student_input_ids"], student_mask=batch["student_loss_mask"],
             student_embed=student.get_input_embeddings().weight.detach(),
             student_head=student.get_output_embeddings().weight,
             teacher_logits=teacher_out.logits, teacher_hidden=teacher_out.hidden_states[-1],
-            teacher_ids=batch["teacher_input_ids"], teacher_mask=batch["teacher_attention_mask"],
+            teacher_ids=batch["teacher_input_ids"], teacher_mask=batch["teacher_loss_mask"],
             teacher_embed=teacher.get_input_embeddings().weight.detach(),
             teacher_head=teacher.get_output_embeddings().weight,
             query=self.projectors["query"], t2s=self.projectors["t2s"], s2t=self.projectors["s2t"],

@@ -171,5 +171,5 @@ class KD(DistillationMethod):
 
     def loss(self, batch, student_out, teacher_out):
         loss, ce, kl = kd_loss(student_out.logits, teacher_out.logits, batch["student_input_ids"],
-                               batch["student_attention_mask"], kd_rate=self.kd_rate, temperature=self.temperature)
+                               batch["student_loss_mask"], kd_rate=self.kd_rate, temperature=self.temperature)
         return loss, {"ce": ce.item(), "kd": kl.item()}

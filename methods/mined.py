@@ -273,7 +273,7 @@ class MinED(DistillationMethod):
         return {"mined_teacher_pos": self._dtw(examples) if self._dtw else chunk_positions(examples)}
 
     def loss(self, batch, student_out, teacher_out):
-        loss, ce, kd, frac = mined_loss(student_out.logits, batch["student_input_ids"], batch["student_attention_mask"],
+        loss, ce, kd, frac = mined_loss(student_out.logits, batch["student_input_ids"], batch["student_loss_mask"],
                                         teacher_out.logits, batch["mined_teacher_pos"], self.vocab_map,
                                         kd_rate=self.kd_rate, temperature=self.temperature)
         return loss, {"ce": ce.item(), "kd": kd.item(), "aligned": frac.item()}

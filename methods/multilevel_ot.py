@@ -57,32 +57,32 @@ import torch
 import torch.nn.functional as F
 
 from methods import register
-from methods.base import DistillationMethod, token_cross_entropy
+from methods.base import DistillationMethod, target_rows, token_cross_entropy
 
 
-def top_probs(logits: torch.Tensor, n_rows: torch.Tensor, width: int, k: int, temperature: float) -> torch.Tensor:
-    """Top-k next-token probabilities of the std-normalised logits, zero rows after each sequence.
+def top_probs(logits: torch.Tensor, rows: torch.Tensor, width: int, k: int, temperature: float) -> torch.Tensor:
+    """Top-k next-token probabilities of the std-normalised logits at the target rows, left-aligned,
+    zero rows after each sequence.
 
     Args:
         logits: [B, L0, V].
-        n_rows: [B] real rows per example (row t predicts token t + 1).
-        width: L, the padded number of rows (>= n_rows.max()).
+        rows: [B, K] the target rows of each example (``methods.base.target_rows``; -1 = none).
+        width: L, the padded number of rows (>= K).
         k: entries kept per row.
 
     Returns:
         [B, L, k], rows sorted in descending order.
     """
     B = logits.shape[0]
-    valid = torch.arange(width, device=logits.device) < n_rows[:, None]
-    b, t = valid.nonzero(as_tuple=True)
-    rows = logits[b, t]                                                          # [N, V]
+    b, j = (rows >= 0).nonzero(as_tuple=True)
+    rows = logits[b, rows[b, j]]                                                 # [N, V]
     rows = rows if rows.dtype == torch.float64 else rows.float()                 # fp32 at least
     z = rows / ((rows.std(-1, keepdim=True) + 1e-4) * temperature)
     # A positive per-row scale keeps the order: top-k of the raw logits, no autograd, no softmax.
     idx = rows.detach().topk(min(k, rows.shape[-1]), dim=-1).indices
     top = (z.gather(-1, idx) - torch.logsumexp(z, -1, keepdim=True)).exp()
     top = F.pad(top, (0, k - top.shape[-1]))  # a vocabulary smaller than k: zero-padded, as officially
-    return top.new_zeros(B, width, k).index_put((b, t), top)
+    return top.new_zeros(B, width, k).index_put((b, j), top)
 
 
 def _compact(probs: torch.Tensor, n: torch.Tensor, size: int, temperature: float):
@@ -146,14 +146,15 @@ def multilevel_ot_loss(s_logits, t_logits, s_mask, t_mask, *, k: int = 50, stude
 
     Args:
         s_logits: [B, Ls, Vs] student logits; t_logits: [B, Lt, Vt] teacher logits (constants).
-        s_mask / t_mask: [B, Ls] / [B, Lt] attention masks.
+        s_mask / t_mask: [B, Ls] / [B, Lt] loss masks: the k-th student target meets the k-th
+            teacher target.
     """
-    n_s, n_t = s_mask.sum(1) - 1, t_mask.sum(1) - 1          # targets per example
+    (rows_s, n_s), (rows_t, n_t) = target_rows(s_mask), target_rows(t_mask)
     L = int(torch.maximum(n_s, n_t).max())
     k = min(k, max(s_logits.shape[-1], t_logits.shape[-1]))
     with torch.no_grad():
-        p_t = top_probs(t_logits, n_t, L, k, teacher_temperature)
-    p_s = top_probs(s_logits, n_s, L, k, student_temperature)
+        p_t = top_probs(t_logits, rows_t, L, k, teacher_temperature)
+    p_s = top_probs(s_logits, rows_s, L, k, student_temperature)
     n_min = torch.minimum(n_s, n_t)
     both = (torch.arange(L, device=p_s.device) < n_min[:, None]).to(p_s.dtype)
     l_abs = (((p_s - p_t).abs().sum(-1) * both).sum(1) / n_min.clamp(min=1)).mean()
@@ -180,9 +181,9 @@ class MultiLevelOT(DistillationMethod):
                             epsilon=sinkhorn_epsilon, iters=sinkhorn_iters, sinkhorn_temperature=sinkhorn_temperature)
 
     def loss(self, batch, student_out, teacher_out):
-        s_ids, s_mask = batch["student_input_ids"], batch["student_attention_mask"]
+        s_ids, s_mask = batch["student_input_ids"], batch["student_loss_mask"]
         ce = token_cross_entropy(student_out.logits, s_ids, s_mask)
-        kd, logs = multilevel_ot_loss(student_out.logits, teacher_out.logits, s_mask, batch["teacher_attention_mask"],
+        kd, logs = multilevel_ot_loss(student_out.logits, teacher_out.logits, s_mask, batch["teacher_loss_mask"],
                                       **self.kd_args)
         loss = self.crossentropy_weight * ce + self.distillation_weight * kd
         return loss, {"ce": ce.item(), "kd": kd.item(), **logs}

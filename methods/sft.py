@@ -16,6 +16,6 @@ class SFT(DistillationMethod):
 
     def loss(self, batch, student_out, teacher_out):
         ce = token_cross_entropy(
-            student_out.logits, batch["student_input_ids"], batch["student_attention_mask"]
+            student_out.logits, batch["student_input_ids"], batch["student_loss_mask"]
         )
         return ce, {"ce": ce.item()}

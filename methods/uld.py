@@ -47,9 +47,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ctdbench.align import chunks
+from ctdbench.align import chunks, target_chunks
 from methods import register
-from methods.base import DistillationMethod, token_cross_entropy
+from methods.base import DistillationMethod, target_rows, token_cross_entropy
 
 LOG_EPS = math.log(1e-8)  # GOLD's clamp of the merged scalar probabilities
 BLOCK = 1 << 20           # elements per row block (4 MB of fp32): below glibc's mmap threshold
@@ -193,7 +193,8 @@ def byte_groups(examples, teacher_token_bytes, student_token_bytes) -> dict[str,
     for ex in examples:
         side_bytes = [[None if table[i] is None else ex.text[s:e] for i, s, e in zip(sp.ids, sp.starts, sp.ends)]
                       for sp, table in ((ex.teacher, teacher_token_bytes), (ex.student, student_token_bytes))]
-        groups.append(np.array(chunks(*side_bytes), dtype=np.int64).reshape(-1, 4))
+        found = target_chunks(chunks(*side_bytes), ex.teacher.loss, ex.student.loss)
+        groups.append(np.array(found, dtype=np.int64).reshape(-1, 4))
     C = max(1, max(len(g) for g in groups))
     out = {}
     for side, col, width in (("teacher", 0, max(len(e.teacher.ids) for e in examples)),
@@ -251,7 +252,7 @@ class ULD(DistillationMethod):
         return byte_groups(examples, self.ctx.teacher_token_bytes, self.ctx.student_token_bytes)
 
     def loss(self, batch, student_out, teacher_out):
-        s_ids, s_mask = batch["student_input_ids"], batch["student_attention_mask"]
+        s_ids, s_mask = batch["student_input_ids"], batch["student_loss_mask"]
         s_logits, t_logits = student_out.logits, teacher_out.logits
         (B, Ls, Vs), (_, Lt, Vt) = s_logits.shape, t_logits.shape
         k = min(Vs, Vt)
@@ -268,11 +269,12 @@ class ULD(DistillationMethod):
             zs, lse_s, f_s = group_shift(s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1], Ts)
             top_s, rest_s = split_sorted(rows_probs(zs, rs, Ts, lse_s.flatten()[rs] - f_s), k)
         else:
-            # Official alignment: target t of the student against target t of the teacher.
-            n = torch.minimum(s_mask.sum(1), batch["teacher_attention_mask"].sum(1)) - 1
-            b, t = (torch.arange(int(n.max()), device=n.device) < n[:, None]).nonzero(as_tuple=True)
-            top_t, rest_t = teacher_split(t_logits.reshape(B * Lt, Vt), b * Lt + t, Tt, k)
-            top_s, rest_s = split_sorted(rows_probs(s_logits.reshape(B * Ls, Vs), b * Ls + t, Ts), k)
+            # Official alignment: target j of the student against target j of the teacher.
+            (rows_s, n_s), (rows_t, n_t) = target_rows(s_mask), target_rows(batch["teacher_loss_mask"])
+            n = torch.minimum(n_s, n_t)
+            b, j = (torch.arange(int(n.max()), device=n.device) < n[:, None]).nonzero(as_tuple=True)
+            top_t, rest_t = teacher_split(t_logits.reshape(B * Lt, Vt), b * Lt + rows_t[b, j], Tt, k)
+            top_s, rest_s = split_sorted(rows_probs(s_logits.reshape(B * Ls, Vs), b * Ls + rows_s[b, j], Ts), k)
         dist = (top_s - top_t).abs().sum(-1) + rest_s + rest_t                     # sorted_l1 per row
         rows = torch.zeros(B, device=dist.device).index_add_(0, b, torch.ones_like(dist))
         per_example = dist.new_zeros(B).index_add_(0, b, dist) / rows.clamp(min=1)

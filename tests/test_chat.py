@@ -10,11 +10,10 @@ from ctdbench.chat import (
     CHATML_TEMPLATE,
     GEMMA_TEMPLATE,
     LLAMA3_TEMPLATE,
-    assistant_token_mask,
     messages_from_row,
     render_chat,
 )
-from ctdbench.data import Side
+from ctdbench.data import Side, span_token_mask
 from ctdbench.tokbytes import token_bytes
 
 EOT = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "chatml": "<|im_end|>"}
@@ -137,11 +136,11 @@ def test_token_mask_matches_a_naive_loop():
         rng.shuffle(spans)
         starts = [rng.randint(0, n_bytes) for _ in range(rng.randint(0, 40))]
         ends = [min(n_bytes, s + rng.choice([0, 0, 1, 2, 5, 20])) for s in starts]
-        got = assistant_token_mask(starts, ends, spans)
+        got = span_token_mask(starts, ends, spans)
         assert got.dtype == bool and got.tolist() == _naive_mask(starts, ends, spans)
-    assert assistant_token_mask([0, 1], [1, 2], []).tolist() == [False, False]
+    assert span_token_mask([0, 1], [1, 2], []).tolist() == [False, False]
     with pytest.raises(ValueError, match="overlap"):
-        assistant_token_mask([0], [1], [(0, 5), (4, 6)])
+        span_token_mask([0], [1], [(0, 5), (4, 6)])
 
 
 # The answer continues the scaffold's word ("the" + "re"): both tokenizers merge across the boundary.
@@ -165,7 +164,7 @@ def test_masked_tokens_cover_exactly_the_assistant_bytes(tokenizers, kind, name)
         text, spans = render_chat(CONVERSATION, TEMPLATES[name])
     data = text.encode("utf-8")
     enc = side.encode(text)  # BOS first with the empty span [0, 0)
-    mask = assistant_token_mask(enc.starts, enc.ends, spans)
+    mask = span_token_mask(enc.starts, enc.ends, spans)
     assert not mask[0] and mask.tolist() == _naive_mask(enc.starts, enc.ends, spans)
     covered = np.zeros(len(data), dtype=bool)
     for s, e in zip(np.asarray(enc.starts)[mask], np.asarray(enc.ends)[mask]):

@@ -20,7 +20,7 @@ def test_segments_reassemble_the_text(size):
 
 def test_take_segments_stops_at_the_byte_budget():
     segs = take_segments([TEXT, TEXT], 64, max_bytes=200)
-    assert 200 <= sum(len(s.encode()) for s in segs) < 200 + 64
+    assert 200 <= sum(len(s.text.encode()) for s in segs) < 200 + 64
 
 
 def test_both_sides_cover_the_same_bytes(sides):

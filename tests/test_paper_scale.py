@@ -62,3 +62,48 @@ def test_distill_with_lora_and_fvt_saves_a_plain_student(tokenizers, tmp_path):
     assert not torch.equal(saved.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight)
     assert not torch.equal(saved.get_input_embeddings().weight, fresh.get_input_embeddings().weight)
     assert json.loads((out / "run.json").read_text())["budget"]["optimizer_steps"] == 3
+
+
+MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def test_chat_distillation_end_to_end(corpus_texts, tmp_path):
+    """Conversations rendered with the Llama-3 template, markers added to both tokenizers by the
+    tokenizer stage, a checkpoint student given rows for them (FVT), BLD on the assistant turns."""
+    lines = [ln for t in corpus_texts for ln in t.splitlines() if ln.strip()][:120]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in zip(lines[::2], lines[1::2])))
+    data = tmp_path / "data"
+    prepare_corpus(str(chats), data, cache_dir=tmp_path, n_validation=2, n_test=2, seed=0, chat_template="llama3")
+    assert all("loss_spans" in json.loads(r) for r in (data / "train.jsonl").read_text().splitlines())
+    dirs = {}
+    for name, spec in (("tt", {"kind": "bytelevel_bpe", "vocab_size": 400}), ("st", {"kind": "sentencepiece_bpe", "vocab_size": 380})):
+        dirs[name] = tmp_path / name
+        cli.main(["tokenizer", "--spec", json.dumps({**spec, "add_special_tokens": MARKERS}),
+                  "--train", str(data / "train.jsonl"), "--out", str(dirs[name])])
+    from ctdbench.tokenizers import load_tokenizer
+
+    teacher_tok, student_tok = load_tokenizer(dirs["tt"]), load_tokenizer(dirs["st"])
+    for tok in (teacher_tok, student_tok):
+        table = token_bytes(tok)
+        assert all(table[tok.convert_tokens_to_ids(t)] is None for t in MARKERS)  # special: no bytes
+    checkpoint(teacher_tok, tmp_path / "teacher" / "model", seed=1)
+    # The student checkpoint's own tokenizer lacks the markers: build_model adds their rows.
+    plain = load_tokenizer(dirs["st"])
+    plain_dir = tmp_path / "plain_st"
+    cli.main(["tokenizer", "--spec", json.dumps({"kind": "sentencepiece_bpe", "vocab_size": 380}),
+              "--train", str(data / "train.jsonl"), "--out", str(plain_dir)])
+    source = checkpoint(load_tokenizer(plain_dir), tmp_path / "base")
+    assert len(plain) > len(load_tokenizer(plain_dir))  # markers the trained vocabulary lacked were appended
+    spec = {"config_name": "t", "pair": "p", "pair_spec": {}, "method": "bld", "hparams": {}, "seed": 0,
+            "student_model": {"hf": source}, "device": "cpu",
+            "train": {"steps": 2, "batch_size": 2, "lr": 1e-2, "checkpoint_every": 5},
+            "data": {"segment_bytes": 256, "val_bytes": 1024}}
+    out = tmp_path / "run"
+    cli.main(["distill", "--spec", json.dumps(spec), "--data", str(data), "--out", str(out), "--quiet",
+              "--teacher", str(tmp_path / "teacher"), "--teacher-tokenizer", str(dirs["tt"]),
+              "--student-tokenizer", str(dirs["st"])])
+    log = [json.loads(r) for r in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)
+    saved = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert saved.get_input_embeddings().weight.shape[0] == len(student_tok)

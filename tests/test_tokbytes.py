@@ -135,10 +135,32 @@ def test_real_specials_are_none(load):
     assert table[50256] is None and sum(b is None for b in table) == 1
 
 
-def test_special_token_string_in_text_is_refused(load):
-    tok, table, _ = load("bytelevel_bpe")
-    with pytest.raises(UnsupportedTokenizerError, match="special token"):
-        encode_with_spans(tok, "a<|endoftext|>b", table)
+@pytest.mark.parametrize("name", ["bytelevel_bpe", "sentencepiece_bpe", "byte", "llama2"])
+def test_special_token_strings_in_the_text_span_their_marker(load, name):
+    """Chat markers written in the text become their special ids; the other tokens still spell
+    the text around them, a dummy prefix after a marker (Llama-2) included."""
+    tok, table, _ = load(name)
+    marker = tok.eos_token or "</s>"  # the bare Llama-2 tokenizer.json names no EOS
+    text = f"Hello{marker} world{marker}\n next{marker}{marker}end 🙂"
+    spans = encode_with_spans(tok, text, table)
+    data = text.encode()
+    special = [table[i] is None for i in spans.ids]
+    assert sum(special) == 4
+    assert all(data[s:e] == marker.encode() for s, e, x in zip(spans.starts, spans.ends, special) if x)
+    # The spans tile the text in order.
+    assert spans.starts[0] == 0 and spans.ends[-1] == len(data)
+    assert all(e0 == s1 for e0, s1 in zip(spans.ends, spans.starts[1:]))
+    for i, s, e, x in zip(spans.ids, spans.starts, spans.ends, special):
+        assert x or table[i] in (data[s:e], b" " + data[s:e])
+
+
+def test_a_marker_that_eats_whitespace_is_refused(tokenizers):
+    from tokenizers import AddedToken
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizers["bytelevel_bpe"].backend_tokenizer.to_str()))
+    tok.add_tokens([AddedToken("<|eot|>", special=True, lstrip=True)], special_tokens=True)
+    with pytest.raises(UnsupportedTokenizerError, match="strips whitespace.*then b'<\\|eot\\|>'"):
+        encode_with_spans(tok, "a  <|eot|>b", token_bytes(tok))
 
 
 def _renormalized(tok, normalizer) -> PreTrainedTokenizerFast:

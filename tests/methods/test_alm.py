@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ctdbench.tokbytes import TokenSpans
 from methods.alm import alm_loss, chunk_ids, log1mexp, merge_by_space_prob
 
 
@@ -122,7 +123,7 @@ def test_log1mexp_is_stable():
 
 def test_chunk_ids_from_spans():
     text = "Hello world!".encode()
-    sp = lambda starts, ends, ids: SimpleNamespace(ids=ids, starts=starts, ends=ends)
+    sp = lambda starts, ends, ids: TokenSpans(ids, starts, ends)  # noqa: E731
     ex = SimpleNamespace(
         text=text,
         teacher=sp([0, 0, 5, 11], [0, 5, 11, 12], [9, 1, 2, 3]),            # BOS Hello| world|!

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import methods
 from ctdbench.data import PairedDataset, Side, collate, segment_text
 from ctdbench.models import build_model
-from ctdbench.tokbytes import token_bytes
+from ctdbench.tokbytes import TokenSpans, token_bytes
 from methods.base import MethodContext
 from methods.mined import _DTWAligner, chunk_positions, dtw_paths, load_or_build_map, main, mined_loss, mined_map, pair_key
 
@@ -89,7 +89,7 @@ def test_map_cache_and_cli(tmp_path, tokenizers, monkeypatch):
 
 def test_chunk_positions_one_to_one_only():
     text = "Hello world!".encode()
-    sp = lambda starts, ends: SimpleNamespace(ids=list(range(len(starts))), starts=starts, ends=ends)  # noqa: E731
+    sp = lambda starts, ends: TokenSpans(list(range(len(starts))), starts, ends)  # noqa: E731
     ex = SimpleNamespace(
         text=text,
         teacher=sp([0, 0, 5, 6, 11], [0, 5, 6, 11, 12]),         # BOS Hello| |world|!

@@ -15,7 +15,7 @@ from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import token_bytes
 from ctdbench.train import step_loss
-from methods.base import MethodContext, token_cross_entropy
+from methods.base import MethodContext, target_rows, token_cross_entropy
 from methods.multilevel_ot import multilevel_ot_loss, sinkhorn_cost, sinkhorn_plan, top_probs
 
 STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
@@ -119,12 +119,12 @@ def test_transport_plans_meet_their_marginals():
 
 def test_sinkhorn_gradient_reaches_the_student():
     s, t, s_mask, t_mask = ragged_batch(4)
-    n_s, n_t = s_mask.sum(1) - 1, t_mask.sum(1) - 1
+    (rows_s, n_s), (rows_t, n_t) = target_rows(s_mask), target_rows(t_mask)
     L = int(torch.maximum(n_s, n_t).max())
     s_ = s.clone().requires_grad_(True)
-    p_s = top_probs(s_, n_s, L, 50, 1.0)
+    p_s = top_probs(s_, rows_s, L, 50, 1.0)
     with torch.no_grad():
-        p_t = top_probs(t, n_t, L, 50, 1.0)
+        p_t = top_probs(t, rows_t, L, 50, 1.0)
     cost = sinkhorn_cost(p_t, p_s, n_t, n_s).sum()
     (grad,) = torch.autograd.grad(cost, s_)
     assert grad.abs().sum() > 0
@@ -133,12 +133,18 @@ def test_sinkhorn_gradient_reaches_the_student():
 
 def test_top_probs_rows():
     s, _, s_mask, _ = ragged_batch(1, Vs=70)
-    n = s_mask.sum(1) - 1
-    p = top_probs(s, n, 12, 50, 1.0)
+    rows, _ = target_rows(s_mask)
+    p = top_probs(s, rows, 12, 50, 1.0)
     z = s / (s.std(-1, keepdim=True) + 1e-4)
     assert torch.allclose(p[0, :8], z[0, :8].softmax(-1).topk(50, -1).values)
     assert p[1, 6:].abs().sum() == 0 and p.shape == (3, 12, 50)
     assert (p[:, :, :-1] >= p[:, :, 1:]).all()
+    # Targets with a gap (a user turn between assistant turns) are left-aligned.
+    gap = s_mask.clone()
+    gap[0, 3:6] = 0
+    rows, n = target_rows(gap)
+    assert rows[0, : n[0]].tolist() == [0, 1, 5, 6, 7] and n[0] == 5
+    assert torch.allclose(top_probs(s, rows, 12, 50, 1.0)[0, :5], p[0, [0, 1, 5, 6, 7]])
 
 
 # ------------------------------------------------------------------------------ properties
@@ -168,7 +174,7 @@ def test_gradients_reach_the_student_only_through_the_method():
     ctx = SimpleNamespace()
     method = methods.build("multilevel_ot", ctx)
     ids = torch.zeros_like(s_mask)
-    batch = {"student_input_ids": ids, "student_attention_mask": s_mask, "teacher_attention_mask": t_mask}
+    batch = {"student_input_ids": ids, "student_loss_mask": s_mask, "teacher_loss_mask": t_mask}
     loss, logs = method.loss(batch, SimpleNamespace(logits=s_), SimpleNamespace(logits=t_.detach()))
     ce = token_cross_entropy(s_, ids, s_mask)
     assert loss.item() == pytest.approx(ce.item() + 1.5 * logs["kd"], rel=1e-6)

@@ -13,7 +13,7 @@ import methods
 from ctdbench.data import PairedDataset, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
-from ctdbench.tokbytes import token_bytes
+from ctdbench.tokbytes import TokenSpans, token_bytes
 from ctdbench.train import step_loss
 from methods.base import MethodContext, token_cross_entropy
 from methods.uld import byte_groups, sorted_l1, split_sorted
@@ -112,8 +112,8 @@ def ragged_batch(seed, B=3, Ls=9, Lt=12, Vs=11, Vt=17):
 def run_method(name, s, t, s_mask, t_mask, extra=None, **hp):
     ctx = SimpleNamespace(teacher_token_bytes=None, student_token_bytes=None)
     method = methods.build(name, ctx, hp)
-    batch = {"student_input_ids": s_ids_of(s_mask), "student_attention_mask": s_mask,
-             "teacher_input_ids": s_ids_of(t_mask) % t.shape[-1], "teacher_attention_mask": t_mask, **(extra or {})}
+    batch = {"student_input_ids": s_ids_of(s_mask), "student_loss_mask": s_mask,
+             "teacher_input_ids": s_ids_of(t_mask) % t.shape[-1], "teacher_loss_mask": t_mask, **(extra or {})}
     return method.loss(batch, SimpleNamespace(logits=s), SimpleNamespace(logits=t))
 
 
@@ -184,7 +184,7 @@ def test_uld_aligned_matches_gold_bayesian(sides, corpus_texts):
 
 def test_byte_groups_from_spans():
     text = "Hello world!".encode()
-    sp = lambda ids, starts, ends: SimpleNamespace(ids=ids, starts=starts, ends=ends)
+    sp = lambda ids, starts, ends: TokenSpans(ids, starts, ends)  # noqa: E731
     ex = SimpleNamespace(
         text=text,
         teacher=sp([9, 1, 2, 3], [0, 0, 5, 11], [0, 5, 11, 12]),              # BOS Hello| world|!
