@@ -117,6 +117,9 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
 
     torch.set_num_threads(args.threads)
     device = _device(spec["device"])
+    top_k = spec.get("teacher_cache_top_k")
+    if top_k and not teacher_cache:  # the online teacher would silently train another run than the spec's
+        raise ValueError(f"the spec asks for a top-{top_k} teacher cache (teacher_cache_top_k): pass --teacher-cache")
     data_dir = Path(args.data)
     data_spec = spec["data"] or {}
     train_data = PairedDataset(_segments(data_dir, "train", data_spec, "train_bytes"), student_side, teacher_side)
@@ -137,11 +140,13 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
         same_tokenizer=teacher_side is None or teacher_side.token_bytes == student_side.token_bytes,
         student_special_ids=list(student_side.tokenizer.all_special_ids),
         teacher_special_ids=list(teacher_side.tokenizer.all_special_ids) if teacher_side else [],
+        teacher_top_k=top_k,
     )
     method = methods.build(method_name, ctx, hparams, seed=spec["seed"])
     source = None
     if method.needs_teacher:
-        source = CachedTeacher(teacher_cache, train_data, device) if teacher_cache else OnlineTeacher(teacher)
+        source = (CachedTeacher(teacher_cache, train_data, device, top_k=top_k) if teacher_cache
+                  else OnlineTeacher(teacher))
     cfg = TrainConfig(**spec["train"])
     summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
                     val_data=val_data, progress=not args.quiet)
@@ -202,7 +207,7 @@ def cmd_teacher_cache(args) -> None:
     side = _side(args.tokenizer)
     data = PairedDataset(_segments(Path(args.data), "train", spec["data"], "train_bytes"), side, teacher=side)
     model = load_model(Path(args.teacher) / "model").to(_device(spec["device"]))
-    build_cache(model, data, Path(args.out))
+    build_cache(model, data, Path(args.out), top_k=spec.get("top_k"), hidden_states=spec.get("hidden_states", True))
 
 
 def cmd_eval_data(args) -> None:

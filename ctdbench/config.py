@@ -122,15 +122,23 @@ def _check_methods(config: dict) -> None:
     for name in config["methods"]:
         if name not in methods.available():
             raise ConfigError(f"config key 'methods.{name}': unknown method; available: {', '.join(methods.available())}")
+    from ctdbench.specs import teacher_cache_top_k
+
+    top_k = teacher_cache_top_k(config)
     for pair in pairs(config):
         p = config["pairs"][pair]
         same = p["student_tokenizer"] == config["teachers"][p["teacher"]]["tokenizer"]
+        where = f"pairs.{pair}.methods" if "methods" in p else "run.methods"
         for name in pair_methods(config, pair):
             if getattr(methods.get(name)[0], "requires_same_tokenizer", False) and not same:
-                where = f"pairs.{pair}.methods" if "methods" in p else "run.methods"
                 raise ConfigError(
                     f"config key '{where}': method '{name}' needs the teacher's tokenizer on the student side, "
                     f"but pair '{pair}' uses '{p['student_tokenizer']}'; list it only for a same-tokenizer pair"
+                )
+            if methods.get(name)[0].needs_full_teacher_vocab and top_k:
+                raise ConfigError(
+                    f"config key 'distill.teacher_cache_top_k': method '{name}' (in {where}) needs the teacher's "
+                    f"full vocabulary, which a top-{top_k} cache does not keep; drop the key or the method"
                 )
 
 

@@ -6,6 +6,8 @@ hyperparameter of one method retrains that method only). ``ctdbench bench`` buil
 
 from __future__ import annotations
 
+from ctdbench.config import pair_methods, pairs
+
 RESERVED = {"data", "tokenizers", "teachers", "maps", "figures", "logs", "benchmarks"}
 
 
@@ -46,6 +48,9 @@ def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
         "device": config.get("device", "auto"),
         # Only when set: a key added to every spec would rerun every existing run.
         **({"lora": config["distill"]["lora"]} if config["distill"].get("lora") else {}),
+        # A truncated teacher changes what a run learns (a full cache reproduces the online
+        # teacher, so it stays out of the spec); methods without a teacher do not see it.
+        **({"teacher_cache_top_k": k} if (k := teacher_cache_top_k(config)) and _method(method).needs_teacher else {}),
     }
 
 
@@ -53,5 +58,22 @@ def evaluate_spec(config: dict) -> dict:
     return dict(config.get("evaluate", {}))
 
 
-def teacher_cache_spec(config: dict) -> dict:
-    return {"data": config["distill"].get("data", {}), "device": config.get("device", "auto")}
+def teacher_cache_top_k(config: dict) -> int | None:
+    """k of the config's top-k teacher cache; None for a full cache or the online teacher."""
+    return config["distill"].get("teacher_cache_top_k") if config["distill"].get("teacher_cache") else None
+
+
+def teacher_cache_spec(config: dict, teacher: str) -> dict:
+    spec = {"data": config["distill"].get("data", {}), "device": config.get("device", "auto")}
+    if k := teacher_cache_top_k(config):
+        # Only for top-k caches (full-cache specs stay as they were, so no cache is rebuilt): the
+        # hidden states, which dwarf the top-k arrays, only if a method of this teacher reads them.
+        used = {m for p in pairs(config) if config["pairs"][p]["teacher"] == teacher for m in pair_methods(config, p)}
+        spec.update(top_k=k, hidden_states=any(_method(m).needs_teacher_hidden_states for m in used))
+    return spec
+
+
+def _method(name: str) -> type:
+    import methods  # here: the registry imports torch and every method, which most specs never need
+
+    return methods.get(name)[0]

@@ -109,13 +109,12 @@ def step_loss(student, method, teacher, batch: dict, *, force_teacher: bool = Fa
         force_teacher: run the teacher even for a method that does not need it (the benchmark's
             floor step: teacher forward + student SFT).
     """
-    hidden = method.needs_hidden_states
     teacher_out = None
     if method.needs_teacher or force_teacher:
-        teacher_out = teacher(batch, hidden_states=hidden)
+        teacher_out = teacher(batch, hidden_states=method.needs_teacher_hidden_states)
     student_out = student(
         input_ids=batch["student_input_ids"], attention_mask=batch["student_attention_mask"],
-        output_hidden_states=hidden,
+        output_hidden_states=method.needs_hidden_states,
     )
     return method.loss(batch, student_out, teacher_out)
 

@@ -19,7 +19,8 @@ from methods.base import DistillationMethod, token_cross_entropy
 # @register("my_method")
 class MyMethod(DistillationMethod):
     needs_teacher = True           # run the teacher on its own tokenization of the same text
-    needs_hidden_states = False    # last hidden states of both models
+    needs_hidden_states = False    # the student's last hidden state
+    needs_teacher_hidden_states = False  # the teacher's last hidden state
 
     def __init__(self, ctx, weight: float = 1.0, temperature: float = 1.0):
         super().__init__(ctx)

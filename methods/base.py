@@ -9,7 +9,13 @@ that train with the student and are never saved into the student checkpoint. The
 
 Class attributes declare what the loop has to compute for the method, so nothing else is run:
 ``needs_teacher`` (teacher forward pass on the teacher tokenization), ``needs_hidden_states``
-(last hidden states of both models) and ``requires_same_tokenizer`` (checked at config validation).
+(the student's last hidden state), ``needs_teacher_hidden_states`` (the teacher's: a top-k teacher
+cache stores them only if a method of its config reads them), ``needs_full_teacher_vocab`` (the
+method cannot train from a top-k teacher cache; checked at config validation and construction) and
+``requires_same_tokenizer`` (checked at config validation).
+
+A top-k teacher cache (``ctdbench.teacher``) gives teacher logits that are -inf outside the stored
+ids: a method's loss must stay finite there (e.g. ``p * log p`` is 0 at p = 0, not NaN).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class MethodContext:
         teacher_token_bytes: the same for the teacher vocabulary.
         same_tokenizer: whether both sides use the same tokenizer.
         student_special_ids / teacher_special_ids: ids of special tokens (BOS/EOS/PAD ...).
+        teacher_top_k: k when the teacher's outputs come from a top-k cache (its logits are -inf
+            outside each position's stored ids), None for the full distribution.
     """
 
     student: nn.Module
@@ -43,6 +51,7 @@ class MethodContext:
     same_tokenizer: bool
     student_special_ids: list[int] = field(default_factory=list)
     teacher_special_ids: list[int] = field(default_factory=list)
+    teacher_top_k: int | None = None
 
     @property
     def student_vocab_size(self) -> int:
@@ -66,10 +75,18 @@ class DistillationMethod(nn.Module):
 
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
+    needs_teacher_hidden_states: ClassVar[bool] = False
+    needs_full_teacher_vocab: ClassVar[bool] = False
     requires_same_tokenizer: ClassVar[bool] = False  # e.g. plain KD over a shared vocabulary
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
+        if self.needs_full_teacher_vocab and ctx.teacher_top_k is not None:
+            raise ValueError(
+                f"{type(self).__name__} needs the teacher's full next-token distribution (see its docstring), but "
+                f"the teacher comes from a top-{ctx.teacher_top_k} cache (distill.teacher_cache_top_k); use a full "
+                "cache or the online teacher for it"
+            )
         # A plain attribute, not a submodule: the student and teacher weights must not appear
         # in this module's parameters or state_dict.
         self.ctx = ctx
@@ -104,7 +121,8 @@ class DistillationMethod(nn.Module):
             student_out: the student's Hugging Face output (``logits`` [B, Ls, Vs]; plus
                 ``hidden_states`` if ``needs_hidden_states``).
             teacher_out: the teacher's output on the teacher tokenization (``logits``
-                [B, Lt, Vt]), or None if ``needs_teacher`` is False.
+                [B, Lt, Vt]; plus ``hidden_states`` if ``needs_teacher_hidden_states``), or None
+                if ``needs_teacher`` is False.
         """
         raise NotImplementedError
 

@@ -26,8 +26,8 @@ tables, W_S, W_T the LM heads (frozen here: detached), h_S, h_T the final hidden
 Every sum is divided by the student's target count, as the official loss_denom (the s2t sum
 over teacher positions included). No T^2 factor. The projectors are this module's submodules:
 they train with the student at their own learning rate (``param_groups``) and are never saved
-into the student checkpoint. ``needs_hidden_states``: a cached teacher provides its last hidden
-state; the embeddings and LM head come from the frozen teacher model in the context.
+into the student checkpoint. ``needs_teacher_hidden_states``: a cached teacher provides its last
+hidden state; the embeddings and LM head come from the frozen teacher model in the context.
 
 Deviations from the official code (each with the reason):
     - The three standard deviations are taken over real (non-padding) positions only; the
@@ -135,6 +135,7 @@ def dskd_loss(*, student_logits, student_hidden, student_ids, student_mask, stud
 class DSKD(DistillationMethod):
     needs_teacher = True
     needs_hidden_states = True
+    needs_teacher_hidden_states = True
 
     def __init__(self, ctx, kd_rate: float = 0.5, temperature: float = 2.0, teacher_temperature: float = 1.0,
                  projector_lr: float = 1e-3):

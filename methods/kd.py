@@ -37,6 +37,9 @@ from methods.base import DistillationMethod
 
 
 BLOCK = 1 << 18  # elements of one row block (1 MB in fp32): a block's temporaries stay in cache
+# Finite stand-in for log 0: ids a top-k teacher cache does not store have p = 0 and log p = -inf,
+# and must add p * (log p - log q) = 0 to the KL, not 0 * -inf = NaN.
+LOG_ZERO = -1e30
 
 
 class RowCEKL(torch.autograd.Function):
@@ -57,7 +60,7 @@ class RowCEKL(torch.autograd.Function):
                 ce[r0:r1] = -zc.log_softmax(-1).gather(-1, y.clamp(min=0)[:, None]).squeeze(-1) * (y >= 0)
             u = target_fn(r0, r1) if target_fn is not None else None
             if u is not None:
-                logp = (u.float() / temperature).log_softmax(-1)
+                logp = (u.float() / temperature).log_softmax(-1).clamp_(min=LOG_ZERO)
                 p = logp.exp()
                 kl[r0:r1] = torch.linalg.vecdot(p, logp - (zc / temperature).log_softmax(-1))
         if kl_mask is not None:

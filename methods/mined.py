@@ -234,12 +234,14 @@ def mined_loss(student_logits, input_ids, mask, teacher_logits, teacher_pos, voc
     safe_map, unmapped = vocab_map.clamp(min=0), vocab_map < 0
 
     def target_fn(r0, r1):
-        # Mapped teacher logits where aligned (-1e5 for unmapped ids); elsewhere DSKD's one-hot
-        # logits (+100 on the target, -1e5 elsewhere: exactly one-hot in fp32 at any T <= 100).
+        # Mapped teacher logits where aligned (-1e5 for unmapped ids, and for ids a top-k teacher
+        # cache does not store: their -inf would turn a row without any stored id into NaN);
+        # elsewhere DSKD's one-hot logits (+100 on the target, -1e5 elsewhere: exactly one-hot in
+        # fp32 at any T <= 100).
         y, tp = targets[r0:r1], tpos[r0:r1]
         u = torch.full((r1 - r0, V), -1e5, device=y.device)
         al = torch.nonzero((y >= 0) & (tp >= 0)).squeeze(1)
-        u[al] = teacher_logits[(r0 + al) // L, tp[al]][:, safe_map].float().masked_fill(unmapped, -1e5)
+        u[al] = teacher_logits[(r0 + al) // L, tp[al]][:, safe_map].float().clamp(min=-1e5).masked_fill(unmapped, -1e5)
         hot = torch.nonzero(tp < 0).squeeze(1)
         u[hot, y[hot].clamp(min=0)] = 100.0
         return u

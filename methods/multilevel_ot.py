@@ -169,6 +169,9 @@ def multilevel_ot_loss(s_logits, t_logits, s_mask, t_mask, *, k: int = 50, stude
 @register("multilevel_ot")
 class MultiLevelOT(DistillationMethod):
     needs_teacher = True
+    # z / std_v(z) needs the teacher's logits over the whole vocabulary: the std and the softmax
+    # normaliser at that scale are not determined by a top-k cache's log-probabilities.
+    needs_full_teacher_vocab = True
 
     def __init__(self, ctx, crossentropy_weight: float = 1.0, distillation_weight: float = 1.5, top_k: int = 50,
                  student_temperature: float = 1.0, teacher_temperature: float = 1.0, log_weight: float = 0.1,

@@ -171,7 +171,7 @@ def test_logit_scale_is_normalised_away_but_temperature_is_not():
 def test_gradients_reach_the_student_only_through_the_method():
     s, t, s_mask, t_mask = ragged_batch(7, dtype=torch.float32)
     s_, t_ = s.requires_grad_(True), t.requires_grad_(True)
-    ctx = SimpleNamespace()
+    ctx = SimpleNamespace(teacher_top_k=None)
     method = methods.build("multilevel_ot", ctx)
     ids = torch.zeros_like(s_mask)
     batch = {"student_input_ids": ids, "student_loss_mask": s_mask, "teacher_loss_mask": t_mask}
@@ -222,7 +222,7 @@ def test_same_tokenizer_same_model(pairs, corpus_texts):
 
 def test_registered_with_official_defaults():
     cls, defaults = methods.get("multilevel_ot")
-    m = cls(SimpleNamespace(), **defaults)
+    m = cls(SimpleNamespace(teacher_top_k=None), **defaults)
     assert (m.crossentropy_weight, m.distillation_weight) == (1.0, 1.5)
     assert m.kd_args == dict(k=50, student_temperature=1.0, teacher_temperature=1.0, log_weight=0.1,
                              sinkhorn_weight=0.1, sinkhorn_scale=1e-3, epsilon=0.1, iters=10, sinkhorn_temperature=2.0)

@@ -11,7 +11,7 @@ rule teacher_cache:
     output:
         directory(f"{RESULTS}/teachers/{{teacher}}/cache"),
     params:
-        spec=as_arg(ctd_specs.teacher_cache_spec(config)),
+        spec=lambda w: as_arg(ctd_specs.teacher_cache_spec(config, w.teacher)),
         teacher_dir=f"{RESULTS}/teachers/{{teacher}}",
     threads: workflow.cores
     log:
