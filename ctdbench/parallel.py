@@ -54,11 +54,14 @@ class SingleProcess:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, whole: torch.nn.Module):
         return module, optimizer
 
     def no_sync(self, module: torch.nn.Module):
         return contextlib.nullcontext()
+
+    def average_whole_gradients(self) -> None:
+        pass
 
     def gather(self, obj) -> list:
         return [obj]
@@ -83,7 +86,7 @@ class Ranks:
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
-        self.module = None
+        self.module, self.whole = None, []
 
     @property
     def fsdp(self) -> bool:
@@ -91,8 +94,17 @@ class Ranks:
 
         return self.accelerator.distributed_type == DistributedType.FSDP
 
-    def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        """Wrap ``module`` in DDP or FSDP (which then also owns the optimizer's parameters)."""
+    def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, whole: torch.nn.Module):
+        """Wrap ``module`` in DDP or FSDP (which then also owns the optimizer's parameters).
+
+        Args:
+            whole: a submodule FSDP must leave alone: its parameters stay whole, in their own
+                dtype, on every rank (FSDP would shard them into the student's group and cast them
+                with its mixed precision); :meth:`average_whole_gradients` synchronises them.
+        """
+        if self.fsdp:
+            self.accelerator.state.fsdp_plugin.ignored_modules = [whole]
+            self.whole = [p for p in whole.parameters() if p.requires_grad]
         self.module, optimizer = self.accelerator.prepare(module, optimizer)
         return self.module, optimizer
 
@@ -100,6 +112,22 @@ class Ranks:
         # DDP all-reduces once per optimizer step; FSDP reduce-scatters every micro-batch, since
         # skipping that would hold a full unsharded gradient on every rank.
         return contextlib.nullcontext() if self.fsdp else self.accelerator.no_sync(module)
+
+    def average_whole_gradients(self) -> None:
+        """Average the accumulated gradients FSDP left alone (DDP averaged every gradient itself).
+
+        A parameter without a gradient on every rank keeps none, as with one process; elsewhere a
+        missing gradient counts as zero.
+        """
+        if not self.whole:
+            return
+        present = torch.tensor([p.grad is not None for p in self.whole], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(present)
+        for p, n_ranks in zip(self.whole, present.tolist()):
+            if n_ranks:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.world_size
 
     def gather(self, obj) -> list:
         """``obj`` (picklable) of every rank, in rank order."""

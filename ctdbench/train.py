@@ -141,10 +141,10 @@ def step_loss(student, method, teacher, batch: dict, *, force_teacher: bool = Fa
 class TrainingModule(torch.nn.Module):
     """The student and the method's own parts as one module whose forward is one micro-batch's loss.
 
-    Several processes wrap this module (DDP or FSDP), so the method's parameters (BLD's byte head,
-    DSKD's projectors) are synchronised like the student's, and a loss that reads student weights
-    directly (DSKD) runs inside the wrapped forward, where FSDP has them unsharded. The frozen
-    teacher is an argument, not a submodule: it is never wrapped.
+    Several processes wrap this module: DDP synchronises the method's parameters (BLD's byte head,
+    DSKD's projectors) with the student's; FSDP shards the student only, and a loss that reads
+    student weights directly (DSKD) runs inside the wrapped forward, where FSDP has them
+    unsharded. The frozen teacher is an argument, not a submodule: it is never wrapped.
     """
 
     def __init__(self, student: torch.nn.Module, method: torch.nn.Module):
@@ -249,7 +249,7 @@ def train(
     module.train()
 
     schedule = Schedule(len(data), cfg.batch_size, seed)
-    module, optimizer = procs.prepare(module, make_optimizer(student, method, cfg))
+    module, optimizer = procs.prepare(module, make_optimizer(student, method, cfg), whole=method)
     ckpt = Checkpointer(out_dir)
     log_path = out_dir / "train_log.jsonl"
     counters = dict(optimizer_steps=0, documents=0, text_bytes=0, student_tokens=0,
@@ -318,6 +318,7 @@ def train(
             share["student_tokens"] += int(batch["student_attention_mask"].sum())
             share["documents"] += len(batch["index"])
             share["text_bytes"] += int(batch["n_bytes"].sum())
+        procs.average_whole_gradients()
         grad_norm = procs.clip_grad_norm(module, optimizer, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
