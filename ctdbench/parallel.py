@@ -116,7 +116,7 @@ class Ranks:
     def average_whole_gradients(self) -> None:
         """Average the accumulated gradients FSDP left alone (DDP averaged every gradient itself).
 
-        A parameter without a gradient on every rank keeps none, as with one process; elsewhere a
+        A parameter no rank has a gradient for keeps none, as with one process; one rank's
         missing gradient counts as zero.
         """
         if not self.whole:
