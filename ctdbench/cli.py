@@ -104,19 +104,24 @@ def _side(tokenizer_dir: str):
 
 
 def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_name: str, hparams: dict,
-               model_spec: dict, model_dir: Path, teacher_cache: str | None = None) -> dict:
-    """Shared by teacher pretraining and distillation: build data, model, method; train; save."""
+               model_spec: dict, model_dir: Path, teacher_cache: str | None = None) -> dict | None:
+    """Shared by teacher pretraining and distillation: build data, model, method; train; save.
+
+    Under ``accelerate launch`` every rank runs this; only rank 0 saves and gets the summary
+    (the other ranks get None).
+    """
     import torch
 
     import methods
     from ctdbench.data import PairedDataset
     from ctdbench.models import build_model
+    from ctdbench.parallel import processes
     from ctdbench.teacher import CachedTeacher, OnlineTeacher
     from ctdbench.train import TrainConfig, train
     from methods.base import MethodContext
 
+    procs = processes(_device(spec["device"]))
     torch.set_num_threads(args.threads)
-    device = _device(spec["device"])
     top_k = spec.get("teacher_cache_top_k")
     if top_k and not teacher_cache:  # the online teacher would silently train another run than the spec's
         raise ValueError(f"the spec asks for a top-{top_k} teacher cache (teacher_cache_top_k): pass --teacher-cache")
@@ -125,14 +130,18 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     train_data = PairedDataset(_segments(data_dir, "train", data_spec, "train_bytes"), student_side, teacher_side)
     val_data = PairedDataset(_segments(data_dir, "validation", data_spec, "val_bytes"), student_side)
     max_positions = max(train_data.max_tokens(), val_data.max_tokens(), 1024)
-    student = build_model(model_spec, student_side.tokenizer, seed=spec["seed"], max_positions=max_positions)
-    if spec.get("lora"):
-        from ctdbench.lora import apply_lora
 
-        student = apply_lora(student, **spec["lora"])
-    student.to(device)
+    def new_student():
+        student = build_model(model_spec, student_side.tokenizer, seed=spec["seed"], max_positions=max_positions)
+        if spec.get("lora"):
+            from ctdbench.lora import apply_lora
+
+            student = apply_lora(student, **spec["lora"], seed=spec["seed"])
+        return student
+
+    student = new_student().to(procs.device)
     if teacher is not None:
-        teacher.to(device)
+        teacher.to(procs.device)
     ctx = MethodContext(
         student=student, teacher=teacher,
         student_token_bytes=student_side.token_bytes,
@@ -145,12 +154,19 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     method = methods.build(method_name, ctx, hparams, seed=spec["seed"])
     source = None
     if method.needs_teacher:
-        source = (CachedTeacher(teacher_cache, train_data, device, top_k=top_k) if teacher_cache
+        source = (CachedTeacher(teacher_cache, train_data, procs.device, top_k=top_k) if teacher_cache
                   else OnlineTeacher(teacher))
     cfg = TrainConfig(**spec["train"])
     summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
-                    val_data=val_data, progress=not args.quiet)
+                    val_data=val_data, progress=not args.quiet, processes=procs)
     summary["teacher_source"] = None if source is None else ("cache" if source.cached else "online")
+    if procs.world_size > 1:
+        # FSDP shards the student in place: rank 0 gathers the trained weights into a fresh copy.
+        trained = procs.gathered_state_dict("student")
+        if not procs.is_main:
+            return None
+        student = new_student()
+        student.load_state_dict(trained)
     # The method (and any head it owns) is not saved, LoRA adapters are merged: the checkpoint is
     # a plain HF model.
     if spec.get("lora"):
@@ -176,6 +192,8 @@ def cmd_teacher(args) -> None:
     else:
         summary = _train_run(spec, args, student_side=side, teacher_side=None, teacher=None,
                              method_name="sft", hparams={}, model_spec=spec["model"], model_dir=out / "model")
+        if summary is None:  # not rank 0 of a multi-process run
+            return
     _write_json(out / "run.json", {"teacher": spec["name"], **summary, "spec": spec, **provenance()})
 
 
@@ -188,6 +206,8 @@ def cmd_distill(args) -> None:
     summary = _train_run(spec, args, student_side=student_side, teacher_side=teacher_side, teacher=teacher,
                          method_name=spec["method"], hparams=spec["hparams"], model_spec=spec["student_model"],
                          model_dir=Path(args.out) / "student", teacher_cache=args.teacher_cache)
+    if summary is None:  # not rank 0 of a multi-process run
+        return
     run = {
         "config_name": spec["config_name"], "pair": spec["pair"], "method": spec["method"], "seed": spec["seed"],
         "pair_spec": spec["pair_spec"], **summary, "spec": spec, **provenance(),

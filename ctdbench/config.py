@@ -72,6 +72,7 @@ def validate(config: dict, *, check_methods: bool = True) -> dict:
     if errors:
         raise ConfigError(_describe(errors[0]))
     _check_references(config)
+    _check_gpus_per_run(config)
     if check_methods:
         _check_methods(config)
     return config
@@ -101,6 +102,25 @@ def _check_references(config: dict) -> None:
     for name in config["pairs"]:
         if name in RESERVED:
             raise ConfigError(f"config key 'pairs.{name}': '{name}' is a reserved results folder name")
+
+
+def _check_gpus_per_run(config: dict) -> None:
+    gpus = config["gpus_per_run"]
+    if gpus == 1:
+        return
+    if config["device"] != "cuda":
+        raise ConfigError(f"config key 'gpus_per_run': {gpus} GPUs per run need device: cuda "
+                          f"(device is {config['device']})")
+    if not accelerate_config(config).is_file():
+        raise ConfigError(f"config key 'accelerate_config': {accelerate_config(config)} is not a file")
+    budgets = [("distill.train", config["distill"]["train"])]
+    budgets += [(f"teachers.{name}.train", config["teachers"][name]["train"]) for name in trained_teachers(config)]
+    for where, train in budgets:
+        if train["batch_size"] % (train["grad_accum"] * gpus):
+            raise ConfigError(
+                f"config key '{where}.batch_size': {train['batch_size']} segments do not split into "
+                f"grad_accum {train['grad_accum']} x gpus_per_run {gpus} equal micro-batches"
+            )
 
 
 def _check_methods(config: dict) -> None:
@@ -140,6 +160,16 @@ def _check_methods(config: dict) -> None:
                     f"config key 'distill.teacher_cache_top_k': method '{name}' (in {where}) needs the teacher's "
                     f"full vocabulary, which a top-{top_k} cache does not keep; drop the key or the method"
                 )
+
+
+def trained_teachers(config: dict) -> list[str]:
+    """Teachers pretrained from scratch (the others are copied from a checkpoint)."""
+    return [name for name, t in config["teachers"].items() if "hf" not in config["models"][t["model"]]]
+
+
+def accelerate_config(config: dict) -> Path:
+    """The accelerate config file of multi-GPU jobs (relative paths are relative to the repository)."""
+    return REPO / config["accelerate_config"]
 
 
 def pair_methods(config: dict, pair: str) -> list[str]:

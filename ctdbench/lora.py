@@ -25,6 +25,7 @@ trained embeddings, so the student is always saved after ``merge_lora``, as a pl
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
@@ -51,7 +52,8 @@ def lora_target_modules(model: PreTrainedModel) -> list[str]:
 
 
 def apply_lora(model: PreTrainedModel, r: int = 64, alpha: float = 64, dropout: float = 0.0,
-               target_modules: list[str] | None = None, train_embeddings: bool = True) -> PeftModel:
+               target_modules: list[str] | None = None, train_embeddings: bool = True, *, seed: int = 0
+               ) -> PeftModel:
     """Wrap ``model`` with LoRA adapters (in place: peft injects them into ``model``'s modules).
 
     Args:
@@ -61,6 +63,7 @@ def apply_lora(model: PreTrainedModel, r: int = 64, alpha: float = 64, dropout: 
         dropout: dropout on the adapter input.
         target_modules: module names to adapt; default ``lora_target_modules(model)``.
         train_embeddings: keep the input embeddings and the LM head trainable (see module docstring).
+        seed: initialisation seed of the adapters' random half (lora_A; lora_B starts at zero).
 
     Returns:
         The ``PeftModel``: only the LoRA matrices (and the embeddings when asked) require grad.
@@ -81,7 +84,11 @@ def apply_lora(model: PreTrainedModel, r: int = 64, alpha: float = 64, dropout: 
         raise ValueError(f"LoRA target modules {missing} match no module of this {model.config.model_type} model")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)  # freezes every base parameter
+    # Seeded: every method and every process of a run must start from the same adapters; fork_rng
+    # keeps the caller's global RNG untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)  # freezes every base parameter
     if train_embeddings:
         # The base model's own modules (a tied pair shares one parameter): trained in place.
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):

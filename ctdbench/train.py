@@ -9,10 +9,17 @@ Checkpoints hold the student, the method's own parameters, the optimizer and the
 run started again in the same directory resumes from the last one and ends with the same final
 weights as an uninterrupted run (the data order is a function of the step, and training has no
 other randomness).
+
+Under ``accelerate launch`` (or torchrun) N processes share each optimizer step: the global batch
+is cut into ``grad_accum`` x N micro-batches, rank r taking micro-batches r, r + N, ...; DDP or
+FSDP averages the gradients, so N ranks with ``grad_accum`` g train like one process with g x N.
+Rank 0 writes the log and the checkpoints; the budget counters add up every rank's share
+(``ctdbench.parallel``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ctdbench import parallel
 from ctdbench.data import PairedDataset, Schedule, chain_digest, collate
 
 
@@ -81,21 +89,31 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def heldout_nll(student: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Summed next-token negative log-likelihood (nats) of the student side of ``batch``."""
+    ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
+    logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
 @torch.no_grad()
-def validation_bpb(model: torch.nn.Module, data: PairedDataset, batch_size: int = 16) -> float:
-    """Held-out bits per byte of ``model`` on the student side of ``data``."""
+def validation_bpb(model: torch.nn.Module, data: PairedDataset, device: torch.device, batch_size: int = 16
+                   ) -> float:
+    """Held-out bits per byte of the student on the student side of ``data``.
+
+    Args:
+        model: a :class:`TrainingModule`, possibly wrapped by DDP or FSDP (every rank then runs
+            every batch, as FSDP's forward is collective).
+    """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     nll, n_bytes = 0.0, 0
     for start in range(0, len(data), batch_size):
         batch = _to(collate([data[i] for i in range(start, min(len(data), start + batch_size))], data), device)
-        ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        nll += torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-        ).item()
+        nll += model(batch, heldout=True).item()
         n_bytes += int(batch["n_bytes"].sum())
     model.train(was_training)
     return nll / math.log(2) / n_bytes
@@ -117,6 +135,28 @@ def step_loss(student, method, teacher, batch: dict, *, force_teacher: bool = Fa
         output_hidden_states=method.needs_hidden_states,
     )
     return method.loss(batch, student_out, teacher_out)
+
+
+class TrainingModule(torch.nn.Module):
+    """The student and the method's own parts as one module whose forward is one micro-batch's loss.
+
+    Several processes wrap this module: DDP synchronises the method's parameters (BLD's byte head,
+    DSKD's projectors) with the student's; FSDP shards the student only, and a loss that reads
+    student weights directly (DSKD) runs inside the wrapped forward, where FSDP has them
+    unsharded. The frozen teacher is an argument, not a submodule: it is never wrapped.
+    """
+
+    def __init__(self, student: torch.nn.Module, method: torch.nn.Module):
+        super().__init__()
+        self.student, self.method = student, method
+        # FSDP's transformer-layer auto wrap finds the layer classes by these names.
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
+
+    def forward(self, batch: dict, teacher=None, *, heldout: bool = False):
+        """``step_loss`` of a training micro-batch, or (``heldout``) its :func:`heldout_nll`."""
+        if heldout:
+            return heldout_nll(self.student, batch)
+        return step_loss(self.student, self.method, teacher, batch)
 
 
 class Checkpointer:
@@ -148,6 +188,23 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
     log_path.write_text("".join(r + "\n" for r in rows))
 
 
+# Per-step counts of the budget, added up over micro-batches and ranks.
+COUNTED = ("documents", "text_bytes", "student_tokens", "teacher_tokens", "teacher_forward_passes")
+
+
+def _whole_step(shares: list[dict]) -> dict:
+    """The ranks' shares of one step combined: counts added up, loss and logged terms averaged.
+
+    Each rank averaged its own ``grad_accum`` micro-batches, so the mean over ranks is the mean
+    over all micro-batches of the step (exactly the rank's value with one process).
+    """
+    whole = {key: sum(s[key] for s in shares) for key in COUNTED}
+    whole["loss"] = sum(s["loss"] for s in shares) / len(shares)
+    names = dict.fromkeys(k for s in shares for k in s["terms"])
+    whole["terms"] = {k: sum(s["terms"].get(k, 0.0) for s in shares) / len(shares) for k in names}
+    return whole
+
+
 def train(
     student: torch.nn.Module,
     method: torch.nn.Module,
@@ -159,6 +216,7 @@ def train(
     teacher=None,
     val_data: PairedDataset | None = None,
     progress: bool = True,
+    processes: parallel.SingleProcess | parallel.Ranks | None = None,
 ) -> dict:
     """Train ``student`` with ``method``'s loss; returns the budget and timing summary.
 
@@ -171,6 +229,7 @@ def train(
         seed: selects the sample order.
         teacher: teacher outputs source (``ctdbench.teacher``), required if ``method.needs_teacher``.
         val_data: segments for the validation bits-per-byte learning curve.
+        processes: ``ctdbench.parallel.processes(...)``; default one process.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,12 +238,17 @@ def train(
     if method.needs_teacher and data.teacher is None:
         raise ValueError("the method needs a teacher but the dataset has no teacher tokenization")
     device = next(student.parameters()).device
+    procs = processes or parallel.SingleProcess(device)
+    n_micro = cfg.grad_accum * procs.world_size
+    if cfg.batch_size % n_micro:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum} "
+                         f"x {procs.world_size} processes")
     method.to(device)
-    student.train()
-    method.train()
+    module = TrainingModule(student, method)
+    module.train()
 
     schedule = Schedule(len(data), cfg.batch_size, seed)
-    optimizer = make_optimizer(student, method, cfg)
+    module, optimizer = procs.prepare(module, make_optimizer(student, method, cfg), whole=method)
     ckpt = Checkpointer(out_dir)
     log_path = out_dir / "train_log.jsonl"
     counters = dict(optimizer_steps=0, documents=0, text_bytes=0, student_tokens=0,
@@ -193,22 +257,22 @@ def train(
 
     state = ckpt.load()
     if state is not None:
-        student.load_state_dict(state["student"])
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_training_state(module, optimizer, state)
         counters, elapsed = state["counters"], state["elapsed"]
         torch.set_rng_state(state["rng"])
-        _truncate_log(log_path, counters["optimizer_steps"])
-    elif log_path.exists():
+        if procs.is_main:
+            _truncate_log(log_path, counters["optimizer_steps"])
+    elif log_path.exists() and procs.is_main:
         log_path.unlink()
     start_step = counters["optimizer_steps"]
 
-    micro = cfg.batch_size // cfg.grad_accum
+    # Rank r takes micro-batches r, r + N, ... of each global batch.
+    micro = cfg.batch_size // n_micro
     sampler = [
-        idx[m * micro : (m + 1) * micro]
+        idx[k * micro : (k + 1) * micro]
         for step in range(start_step, cfg.steps)
         for idx in [schedule.indices(step)]
-        for m in range(cfg.grad_accum)
+        for k in range(procs.rank, n_micro, procs.world_size)
     ]
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=sampler, num_workers=cfg.num_workers,
@@ -217,48 +281,53 @@ def train(
     batches = iter(loader)
 
     def log(row: dict) -> None:
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if procs.is_main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
     if val_data is not None and start_step == 0 and cfg.eval_every:
-        log({"step": 0, "bytes_seen": 0, "val_bpb": validation_bpb(student, val_data)})
+        log({"step": 0, "bytes_seen": 0, "val_bpb": validation_bpb(module, val_data, device)})
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc=getattr(method, "name", ""),
-               mininterval=2.0, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and procs.is_main),
+               desc=getattr(method, "name", ""), mininterval=2.0, dynamic_ncols=True)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         factor = lr_factor(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
-        terms: dict[str, float] = {}
-        total_loss, step_tokens, step_texts = 0.0, 0, []
+        # This rank's share of the step; the ranks' shares are added up below.
+        share = {"loss": 0.0, "terms": {}, **dict.fromkeys(COUNTED, 0)}
         for m in range(cfg.grad_accum):
             batch = _to(next(batches), device)
-            loss, logs = step_loss(student, method, teacher, batch)
+            last = m == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else procs.no_sync(module):
+                loss, logs = module(batch, teacher)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step} (micro-batch {m}); "
+                        f"segments {batch['index'].tolist()}; terms {logs}"
+                    )
+                (loss / cfg.grad_accum).backward()
             if method.needs_teacher:
-                counters["teacher_forward_passes"] += 0 if teacher.cached else 1
-                counters["teacher_tokens"] += int(batch["teacher_attention_mask"].sum())
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step} (micro-batch {m}); "
-                    f"segments {batch['index'].tolist()}; terms {logs}"
-                )
-            (loss / cfg.grad_accum).backward()
-            total_loss += loss.item() / cfg.grad_accum
+                share["teacher_forward_passes"] += 0 if teacher.cached else 1
+                share["teacher_tokens"] += int(batch["teacher_attention_mask"].sum())
+            share["loss"] += loss.item() / cfg.grad_accum
             for k, v in logs.items():
-                terms[k] = terms.get(k, 0.0) + v / cfg.grad_accum
-            n_tok = int(batch["student_attention_mask"].sum())
-            step_tokens += n_tok
-            counters["student_tokens"] += n_tok
-            counters["documents"] += len(batch["index"])
-            step_texts += [data[i].text for i in batch["index"].tolist()]
-            counters["text_bytes"] += int(batch["n_bytes"].sum())
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                share["terms"][k] = share["terms"].get(k, 0.0) + v / cfg.grad_accum
+            share["student_tokens"] += int(batch["student_attention_mask"].sum())
+            share["documents"] += len(batch["index"])
+            share["text_bytes"] += int(batch["n_bytes"].sum())
+        procs.average_whole_gradients()
+        grad_norm = procs.clip_grad_norm(module, optimizer, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        whole = _whole_step(procs.gather(share))
+        for key in COUNTED:
+            counters[key] += whole[key]
         counters["optimizer_steps"] = step + 1
+        step_texts = [data[i].text for i in schedule.indices(step)]
         counters["stream_sha256"] = chain_digest(counters["stream_sha256"], step_texts)
+        total_loss, terms, step_tokens = whole["loss"], whole["terms"], whole["student_tokens"]
         dt = time.perf_counter() - t0
         elapsed += dt
         bar.update(1)
@@ -270,12 +339,12 @@ def train(
                  "loss": total_loss, "grad_norm": grad_norm, "tokens_per_second": step_tokens / dt,
                  "terms": terms})
         if val_data is not None and (done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-            last_val = validation_bpb(student, val_data)
+            last_val = validation_bpb(module, val_data, device)
             log({"step": done, "bytes_seen": counters["text_bytes"], "val_bpb": last_val})
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            ckpt.save({"student": student.state_dict(), "method": method.state_dict(),
-                       "optimizer": optimizer.state_dict(), "counters": counters, "elapsed": elapsed,
-                       "rng": torch.get_rng_state()})
+            state = parallel.training_state(module, optimizer)
+            if procs.is_main:
+                ckpt.save({**state, "counters": counters, "elapsed": elapsed, "rng": torch.get_rng_state()})
     bar.close()
 
     steps = counters["optimizer_steps"]
@@ -290,9 +359,11 @@ def train(
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         },
+        "processes": procs.world_size,
         "train_config": asdict(cfg),
     }
     if val_data is not None and start_step < cfg.steps:
         summary["final_val_bpb"] = last_val
-    ckpt.remove()
+    if procs.is_main:
+        ckpt.remove()
     return summary

@@ -21,7 +21,8 @@ With l_T, l_S the log-softmax of each model (fp32, clipped at 0):
 Registered as ``alm`` (L_ALM alone) and ``alm+sft`` (L_ALM and the student's CE, combined by a
 plain mean as tokenkit's default aggregation, or by GradMag ``approx_gradmag_preserve_mag`` with
 ``gradmag: true``: w_i = 1 / ||grad of L_i w.r.t. the last transformer layer||, loss =
-sum w_i L_i / sum w_i).
+sum w_i L_i / sum w_i). GradMag needs the layer's whole weights, so on several GPUs it trains
+with DDP (``profiles/accelerate/ddp.yaml``), not FSDP.
 
 Deviations from tokenkit:
     - The mean is over valid chunks of the micro-batch, not of the global batch under gradient
@@ -37,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from ctdbench.align import chunks, target_chunks
 from methods import register
@@ -142,7 +144,12 @@ def alm_loss(teacher_logp, teacher_ids, teacher_chunk, student_logp, student_ids
 def last_layer_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters of the last transformer block (for GradMag), found as the last ModuleList."""
     blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return [p for p in blocks[-1][-1].parameters() if p.requires_grad]
+    params = [p for p in blocks[-1][-1].parameters() if p.requires_grad]
+    if any(isinstance(p, DTensor) for p in params):
+        # Outside the block's own forward FSDP holds only shards, which the loss never used.
+        raise RuntimeError("ALM's GradMag differentiates the last block's weights, which FSDP shards; "
+                           "train it on several GPUs with accelerate_config: profiles/accelerate/ddp.yaml")
+    return params
 
 
 @register("alm", sft=False)

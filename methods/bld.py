@@ -174,7 +174,7 @@ class BLD(DistillationMethod):
         # The hidden state at l - 1 predicts student token l: token l's slots pair with state l - 1.
         pos, target = batch["bld_pos"][:, 1:], batch["bld_target"][:, 1:]
         rows = (pos[..., 0] >= 0).nonzero(as_tuple=True)
-        h = student_out.hidden_states[-1][:, :-1][rows]
+        h = student_out.hidden_states[-1][:, :-1][rows].float()  # the head is fp32, the student may be bf16
         valid = pos[rows] >= 0
         logq = self.head.slot_logits(h, target[rows], valid).float().log_softmax(-1)  # [valid slots, S]
         pos, target = pos[rows][valid], target[rows][valid]

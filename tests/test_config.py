@@ -98,3 +98,20 @@ def test_same_tokenizer_method_refused_on_a_mismatched_pair(monkeypatch):
     monkeypatch.setattr(SFT, "requires_same_tokenizer", True)
     with pytest.raises(ctd_config.ConfigError, match="method 'sft' needs the teacher's tokenizer.*bpe_to_sp"):
         ctd_config.validate(load("smoke.yaml"))
+
+
+def test_several_gpus_per_run_need_cuda():
+    with pytest.raises(ctd_config.ConfigError, match="'gpus_per_run'.*device: cuda"):
+        ctd_config.validate({**load("smoke.yaml"), "device": "cpu", "gpus_per_run": 2})
+
+
+def test_several_gpus_per_run_split_the_batch_evenly():
+    cfg = {**load("smoke.yaml"), "device": "cuda", "gpus_per_run": 8}  # batch_size 4
+    with pytest.raises(ctd_config.ConfigError, match="'distill.train.batch_size'.*gpus_per_run 8"):
+        ctd_config.validate(cfg)
+
+
+def test_missing_accelerate_config_is_named():
+    cfg = {**load("smoke.yaml"), "device": "cuda", "gpus_per_run": 2, "accelerate_config": "profiles/nope.yaml"}
+    with pytest.raises(ctd_config.ConfigError, match="'accelerate_config'"):
+        ctd_config.validate(cfg)

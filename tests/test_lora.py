@@ -128,3 +128,14 @@ def test_unknown_architecture_needs_target_modules(tokenizers):
     model.config.model_type = "mystery"
     with pytest.raises(ValueError, match="no LoRA target modules known for model_type 'mystery'"):
         apply_lora(model)
+
+
+def test_adapters_start_the_same_under_a_seed(tokenizers):
+    """Every method (and every process of a multi-GPU run) starts from the same adapters."""
+    a = apply_lora(_model(tokenizers, "llama"), seed=3)
+    torch.rand(7)  # another global random state
+    b = apply_lora(_model(tokenizers, "llama"), seed=3)
+    c = apply_lora(_model(tokenizers, "llama"), seed=4)
+    lora_a = lambda m: [v for k, v in m.state_dict().items() if "lora_A" in k]
+    assert all(torch.equal(x, y) for x, y in zip(lora_a(a), lora_a(b)))
+    assert not all(torch.equal(x, y) for x, y in zip(lora_a(a), lora_a(c)))

@@ -60,12 +60,13 @@ rule distill:
         cache=lambda w, input: f"--teacher-cache {input.cache[0]}" if input.cache else "",
     threads: config["distill"]["threads"]
     resources:
-        gpu=lambda w: 1 if config.get("device") == "cuda" else 0,
+        gpu=job_gpus(),
     log:
         f"{LOGS}/distill/{{pair}}/{{method}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/distill/{{pair}}/{{method}}/seed{{seed}}.tsv"
     shell:
-        "ctdbench distill --spec {params.spec} --data {RESULTS}/data --teacher {params.teacher_dir}"
+        ctdbench_command(config["gpus_per_run"] > 1)
+        + " distill --spec {params.spec} --data {RESULTS}/data --teacher {params.teacher_dir}"
         " --teacher-tokenizer {input.teacher_tokenizer} --student-tokenizer {input.student_tokenizer}"
         " --out {params.out} --threads {threads} {params.cache} > {log} 2>&1"

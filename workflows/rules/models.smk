@@ -29,11 +29,12 @@ rule teacher:
         out=lambda w: f"{RESULTS}/teachers/{w.teacher}",
     threads: workflow.cores
     resources:
-        gpu=lambda w: 1 if config.get("device") == "cuda" else 0,
+        gpu=lambda w: job_gpus(trains=w.teacher in trained_teachers(config)),
     log:
         f"{LOGS}/teacher_{{teacher}}.log",
     benchmark:
         f"{BENCH}/teacher_{{teacher}}.tsv"
     shell:
-        "ctdbench teacher --spec {params.spec} --data {RESULTS}/data --tokenizer {input.tokenizer}"
+        ctdbench_command(config["gpus_per_run"] > 1 and any(t in trained_teachers(config) for t in used_teachers()))
+        + " teacher --spec {params.spec} --data {RESULTS}/data --tokenizer {input.tokenizer}"
         " --out {params.out} --threads {threads} > {log} 2>&1"
