@@ -197,8 +197,8 @@ class PairedDataset(torch.utils.data.Dataset):
                          for i, seg in enumerate(segments)]
 
     def _example(self, index: int, seg: Segment) -> PairedExample:
-        if self.teacher is not None and self.student.markers(seg.text) != self.teacher.markers(seg.text):
-            student, teacher = self.student.markers(seg.text), self.teacher.markers(seg.text)
+        student, teacher = self.student.markers(seg.text), self.teacher.markers(seg.text) if self.teacher else None
+        if teacher is not None and student != teacher:
             raise ValueError(
                 f"segment {index}: special tokens {sorted(student ^ teacher)} are special for only one side "
                 f"(student: {sorted(student) or 'none'}, teacher: {sorted(teacher) or 'none'}), so the two "

@@ -158,7 +158,7 @@ class BLD(DistillationMethod):
         logp = (logits if self.temperature == 1 else logits / self.temperature).log_softmax(-1)
         next_ids = F.pad(batch["teacher_input_ids"][:, 1:], (0, 1))
         has_next = F.pad(batch["teacher_attention_mask"][:, 1:].bool(), (0, 1))  # the last row predicts nothing
-        q, n_bytes = next_byte_distributions_batch(
+        q, _ = next_byte_distributions_batch(
             logp, next_ids, None, self.conversion, mask=has_next, special_ids=self.special_ids,
             row_chunk=self.row_chunk, index=self.index)
         # A SentencePiece teacher's dummy-prefix spaces are bytes of its tokens, not of the text.

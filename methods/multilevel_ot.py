@@ -60,13 +60,13 @@ from methods import register
 from methods.base import DistillationMethod, target_rows, token_cross_entropy
 
 
-def top_probs(logits: torch.Tensor, rows: torch.Tensor, width: int, k: int, temperature: float) -> torch.Tensor:
+def top_probs(logits: torch.Tensor, target: torch.Tensor, width: int, k: int, temperature: float) -> torch.Tensor:
     """Top-k next-token probabilities of the std-normalised logits at the target rows, left-aligned,
     zero rows after each sequence.
 
     Args:
         logits: [B, L0, V].
-        rows: [B, K] the target rows of each example (``methods.base.target_rows``; -1 = none).
+        target: [B, K] the target rows of each example (``methods.base.target_rows``; -1 = none).
         width: L, the padded number of rows (>= K).
         k: entries kept per row.
 
@@ -74,8 +74,8 @@ def top_probs(logits: torch.Tensor, rows: torch.Tensor, width: int, k: int, temp
         [B, L, k], rows sorted in descending order.
     """
     B = logits.shape[0]
-    b, j = (rows >= 0).nonzero(as_tuple=True)
-    rows = logits[b, rows[b, j]]                                                 # [N, V]
+    b, j = (target >= 0).nonzero(as_tuple=True)
+    rows = logits[b, target[b, j]]                                               # [N, V]
     rows = rows if rows.dtype == torch.float64 else rows.float()                 # fp32 at least
     z = rows / ((rows.std(-1, keepdim=True) + 1e-4) * temperature)
     # A positive per-row scale keeps the order: top-k of the raw logits, no autograd, no softmax.
