@@ -50,13 +50,14 @@ def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeat
     import torch
 
     import methods
-    from ctdbench import cli, specs
+    from ctdbench import allocator, cli, specs
     from ctdbench.data import PairedDataset, collate
     from ctdbench.models import build_model
     from ctdbench.teacher import OnlineTeacher
     from ctdbench.train import TrainConfig, make_optimizer, step_loss
     from methods.base import MethodContext
 
+    allocator.reuse_freed_memory()  # as in the workflow's processes (ctdbench.cli)
     torch.set_num_threads(threads)
     spec = specs.distill_spec(config, pair, method_name if method_name != FLOOR else "sft", 0)
     student_side, teacher_side = cli._side(inputs["student"]), cli._side(inputs["teacher"])

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ctdbench import allocator
+
 
 def _device(name: str):
     import torch
@@ -355,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch threads (default: the config's distill.threads, what the workflow trains with)")
 
     args = parser.parse_args(argv)
+    allocator.reuse_freed_memory()
     try:
         args.fn(args)
     except Exception as e:  # noqa: BLE001 - one clear line for known user errors
