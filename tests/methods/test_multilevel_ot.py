@@ -16,7 +16,8 @@ from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import token_bytes
 from ctdbench.train import step_loss
 from methods.base import MethodContext, target_rows, token_cross_entropy
-from methods.multilevel_ot import multilevel_ot_loss, sinkhorn_cost, sinkhorn_plan, top_probs
+from methods.multilevel_ot import (StdScale, multilevel_ot_loss, sinkhorn_cost, sinkhorn_plan, top_indices, top_probs,
+                                   top_values)
 
 STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
@@ -145,6 +146,33 @@ def test_top_probs_rows():
     rows, n = target_rows(gap)
     assert rows[0, : n[0]].tolist() == [0, 1, 5, 6, 7] and n[0] == 5
     assert torch.allclose(top_probs(s, rows, 12, 50, 1.0)[0, :5], p[0, [0, 1, 5, 6, 7]])
+
+
+def test_std_scale_matches_autograd_of_its_definition():
+    x = torch.randn(6, 40, dtype=torch.float64) * 3 + 5
+    x[2] = 1.5                                                          # a constant row: std 0
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn(6, 40, dtype=torch.float64)
+    got = StdScale.apply(x1, 2.0)
+    want = x2 / ((x2.std(-1, keepdim=True) + 1e-4) * 2.0)
+    assert torch.allclose(got, want, rtol=1e-12)
+    (got * g).sum().backward()
+    (want * g).sum().backward()
+    rows = torch.arange(6) != 2
+    assert torch.allclose(x1.grad[rows], x2.grad[rows], rtol=1e-9)
+    assert torch.isfinite(x1.grad).all() and torch.allclose(x1.grad[2], g[2] / (1e-4 * 2.0))  # torch: NaN there
+    assert torch.autograd.gradcheck(lambda v: StdScale.apply(v, 0.5), (x[:2].clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("V, k", [(80, 50), (4096, 50), (300, 1)])
+def test_top_indices_and_values_equal_topk(V, k):
+    x = torch.randn(20, V, generator=torch.Generator().manual_seed(V))
+    want = x.topk(k, -1)
+    assert torch.equal(x.gather(-1, top_indices(x, k)), want.values)
+    assert torch.equal(top_values(x, k), want.values)
+    ties = x.clone()
+    ties[3] = ties[3].round()                                           # many ties, also at the k-th value
+    assert torch.equal(ties.gather(-1, top_indices(ties, k)), ties.topk(k, -1).values)
 
 
 # ------------------------------------------------------------------------------ properties
