@@ -239,6 +239,7 @@ def next_byte_distributions_batch(
     special_ids: Sequence[int] = (),
     row_chunk: int | None = None,
     index: VocabByteIndex | None = None,
+    probs: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``next_byte_distributions`` for a padded batch, without copying the logprobs.
 
@@ -247,7 +248,10 @@ def next_byte_distributions_batch(
         token_ids: [B, T] teacher token ids.
         token_bytes, mode, special_ids, row_chunk, index: as in ``next_byte_distributions``.
         lengths: [B] valid tokens per example (right padding), or
-        mask: [B, T] bool, True at valid tokens; neither given: all tokens are valid.
+        mask: [B, T] bool, True at valid tokens; neither given: all tokens are valid. Rows of
+            valid tokens that are not contiguous in memory are copied chunk by chunk: where
+            speed matters, pass every row and give the invalid ones a byte-less id instead.
+        probs: ``logprobs`` holds probabilities (a softmax) instead: saves the exponentials.
 
     Returns:
         (out, n_bytes): out [sum(n_bytes), 256 + len(special_ids)] is the concatenation of the
@@ -271,7 +275,7 @@ def next_byte_distributions_batch(
     first[1:] = example[1:] != example[:-1]
     ix = _resolve_index(token_bytes, index)
     ids = token_ids.to(device).reshape(-1)[rows]
-    out = _convert(logprobs.reshape(B * T, V), rows, ids, first, ix, mode, special_ids, row_chunk)
+    out = _convert(logprobs.reshape(B * T, V), rows, ids, first, ix, mode, special_ids, row_chunk, probs)
     n_bytes = torch.zeros(B, dtype=torch.long, device=device)
     n_bytes.index_add_(0, example, ix.to(device).token_len[ids])
     return out, n_bytes
@@ -296,9 +300,10 @@ def text_rows(token_len: Tensor, span_len: Tensor) -> Tensor:
 
 
 def _convert(lp: Tensor, rows: Tensor, ids: Tensor, first: Tensor | None, ix: VocabByteIndex, mode: str,
-             special_ids: Sequence[int], row_chunk: int | None) -> Tensor:
+             special_ids: Sequence[int], row_chunk: int | None, is_probs: bool = False) -> Tensor:
     """Shared body. lp [*, V]; rows [M] the row of lp of each token; ids [M]; first [M] bool
-    or None: tokens forced to start a pretoken (example starts in a batch)."""
+    or None: tokens forced to start a pretoken (example starts in a batch); is_probs: lp holds
+    probabilities, not log-probabilities."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if lp.shape[-1] != ix.vocab_size:
@@ -333,7 +338,8 @@ def _convert(lp: Tensor, rows: Tensor, ids: Tensor, first: Tensor | None, ix: Vo
     tok_w = None  # a1: the weight w(k) of every row k's terms (module docstring)
     if mode == "a1":
         pretoken = _pretoken_ids(ids, first, ix, tok_len)
-        tok_w = _cover_weights(lp[rows, ids], pretoken)
+        true = lp[rows, ids]
+        tok_w = _cover_weights(true.double().log() if is_probs else true, pretoken)
         walk = _walk_entries(ix, pretoken, tok_len, start, k_of, ids, ix.tok_byte[flat])
         if walk is not None:
             e_a, e_k, e_node = (torch.cat(pair) for pair in zip((e_a, e_k, e_node), walk))
@@ -372,7 +378,7 @@ def _convert(lp: Tensor, rows: Tensor, ids: Tensor, first: Tensor | None, ix: Vo
             torch.index_select(block, 1, ix.order, out=p)
         else:
             p.copy_(block.index_select(1, ix.order))
-        c[:, 1:].copy_(p.exp_()).cumsum_(1)
+        c[:, 1:].copy_(p if is_probs else p.exp_()).cumsum_(1)
         torch.diff(c.index_select(1, root_cuts), dim=1, out=root_mass[c0:c0 + chunk])
         c = c.view(-1)
         torch.sub(c[c_hi[i0:i1]], c[c_lo[i0:i1]], out=mass[i0:i1])
@@ -389,7 +395,8 @@ def _convert(lp: Tensor, rows: Tensor, ids: Tensor, first: Tensor | None, ix: Vo
     if len(specials):
         # Specials only at the first byte of a token, from that token's own row.
         sp_rows = rows[k_of[at_root]]
-        num[at_root, 256:] = lp[sp_rows[:, None], specials[None, :]].to(dtype).exp().double()
+        sp = lp[sp_rows[:, None], specials[None, :]].to(dtype)
+        num[at_root, 256:] = (sp if is_probs else sp.exp()).double()
         if tok_w is not None:
             num[at_root, 256:] *= tok_w[k_of[at_root], None]
     # Masked rows are all zero and stay so: 0 / tiny = 0.

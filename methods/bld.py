@@ -49,6 +49,7 @@ from torch import nn
 from ctdbench.byteprob import MODES, VocabByteIndex, next_byte_distributions_batch, text_rows
 from methods import register
 from methods.base import DistillationMethod, token_cross_entropy
+from methods.kd import LOG_ZERO
 
 
 class ByteHead(nn.Module):
@@ -127,6 +128,11 @@ class BLD(DistillationMethod):
                      else TransformerByteHead(d, self.n_bytes, self.n_symbols, head_width, head_layers))
         self.index = VocabByteIndex.build(ctx.teacher_token_bytes)
         self.special_ids = sorted(i for i in ctx.teacher_special_ids if not ctx.teacher_token_bytes[i])[:n_special]
+        byteless = [i for i, b in enumerate(ctx.teacher_token_bytes) if not b]
+        if not byteless:
+            raise ValueError("methods.bld: the teacher's vocabulary has no byte-less (special) token to mark rows "
+                             "that predict nothing")
+        self.byteless_id = byteless[0]
 
     def prepare(self, examples) -> dict[str, torch.Tensor]:
         """Byte slots of every student token that is a training target: the byte's position in the
@@ -151,19 +157,20 @@ class BLD(DistillationMethod):
     @torch.no_grad()
     def teacher_bytes(self, batch: dict, teacher_out) -> torch.Tensor:
         """The teacher's next-byte distribution at every text byte of the batch: [sum n_bytes, S]."""
-        # Row k predicts token k + 1. The full, contiguous logits are normalised and the next ids
-        # shifted instead of slicing logits[:, :-1]: a log-softmax over a non-contiguous view is
-        # several times slower on CPU, and the converter then needs no copy either.
+        # Row k predicts token k + 1. Every row of the full, contiguous logits is converted, the
+        # last row of each example and padding with a byte-less id, which yields no bytes: a
+        # softmax over a non-contiguous slice, or rows gathered per chunk, cost several times more
+        # on CPU. Probabilities, not log-probabilities: the converter then needs no exponentials.
         logits = teacher_out.logits.float()
-        logp = (logits if self.temperature == 1 else logits / self.temperature).log_softmax(-1)
-        next_ids = F.pad(batch["teacher_input_ids"][:, 1:], (0, 1))
-        has_next = F.pad(batch["teacher_attention_mask"][:, 1:].bool(), (0, 1))  # the last row predicts nothing
+        probs = (logits if self.temperature == 1 else logits / self.temperature).softmax(-1)
+        has_next = F.pad(batch["teacher_attention_mask"][:, 1:].bool(), (0, 1))
+        next_ids = F.pad(batch["teacher_input_ids"][:, 1:], (0, 1)).masked_fill(~has_next, self.byteless_id)
         q, _ = next_byte_distributions_batch(
-            logp, next_ids, None, self.conversion, mask=has_next, special_ids=self.special_ids,
-            row_chunk=self.row_chunk, index=self.index)
+            probs, next_ids, None, self.conversion, special_ids=self.special_ids, row_chunk=self.row_chunk,
+            index=self.index, probs=True)
         # A SentencePiece teacher's dummy-prefix spaces are bytes of its tokens, not of the text.
         span = F.pad(batch["teacher_byte_ends"] - batch["teacher_byte_starts"], (0, 1))[:, 1:]
-        q = q[text_rows(self.index.to(q.device).token_len[next_ids[has_next]], span[has_next])]
+        q = q[text_rows(self.index.to(q.device).token_len[next_ids].flatten(), span.flatten())]
         if len(q) != int(batch["n_bytes"].sum()):
             raise ValueError(f"teacher tokens cover {len(q)} bytes of the text, the texts have {batch['n_bytes'].tolist()}")
         return F.pad(q, (0, self.n_symbols - q.shape[-1]))
@@ -180,17 +187,22 @@ class BLD(DistillationMethod):
         pos, target = pos[rows][valid], target[rows][valid]
         byte_ce = F.nll_loss(logq, target.to(logq.device))
         p = self.teacher_bytes(batch, teacher_out)[pos.to(logq.device)]
-        has_target = p.sum(-1) > 0
-        kl = byte_kl(p[has_target], logq[has_target])
+        kl = byte_kl(p, logq)
         loss = ce + self.lambda_b * byte_ce + self.lambda_kl * kl
         return loss, {"ce": ce.item(), "byte_ce": byte_ce.item(), "byte_kl": kl.item(),
-                      "kl_coverage": has_target.float().mean().item()}
+                      "kl_coverage": (p.sum(-1) > 0).float().mean().item()}
 
 
 def byte_kl(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p || q) in nats, p [N, S] probabilities, logq [N, S]; 0 for N = 0.
+    """Mean of KL(p || q) in nats over the rows that have a target; p [N, S] probabilities (a row of
+    zeros: no target, as the converter masks), logq [N, S]; 0 without any target.
 
-    Symbols with p = 0 contribute 0 even where q = 0 too (logq = -inf)."""
-    if len(p) == 0:
-        return logq.sum() * 0.0  # keeps the graph
-    return (torch.xlogy(p, p) - torch.where(p > 0, p * logq, 0.0)).sum(-1).mean()
+    Symbols with p = 0 contribute 0, even where q = 0 too (logq = -inf). Computed as
+    sum p log p - sum p log q over all rows, without gathering the rows that have a target
+    (p log p needs no gradient; xlogy is slow on CPU).
+    """
+    n = (p.sum(-1) > 0).sum().clamp(min=1)
+    with torch.no_grad():
+        neg_entropy = torch.linalg.vecdot(p, p.clamp(min=torch.finfo(p.dtype).tiny).log()).sum()
+    cross = torch.linalg.vecdot(p, logq.clamp(min=LOG_ZERO)).sum()
+    return (neg_entropy - cross) / n

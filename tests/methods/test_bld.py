@@ -151,6 +151,8 @@ def test_byte_kl_matches_its_definition():
     assert byte_kl(p, logq).item() == pytest.approx(float(naive), rel=1e-5)
     assert byte_kl(p, p.log()).abs().item() < 1e-6
     assert byte_kl(p[:0], logq[:0]).item() == 0
+    masked = torch.cat([p, torch.zeros(2, 260)])                        # rows without a target
+    assert byte_kl(masked, torch.cat([logq, logq[:2]])).item() == pytest.approx(float(naive), rel=1e-5)
 
 
 def test_transformer_head_conditions_on_previous_bytes_only(sides, corpus_texts):
