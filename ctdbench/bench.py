@@ -4,9 +4,10 @@ The floor step is what any distillation step must at least do: a teacher forward
 student's SFT forward, backward and optimizer update. Each method's step is timed on the same
 fixed batch of the configured default models (fresh weights: timing does not depend on them),
 each in its own process so peak memory is the method's own. Results print as ratios to the floor:
-the floor step is timed again inside each method's process, alternating with the method's step, so
-that the ratio compares steps taken under the same machine conditions (on a shared VM, the speed of
-the same step drifts by 10-15% between processes).
+the floor step is timed again inside each method's process, alternating with the method's step, and
+the ratio is the median of the ratios of adjacent pairs, so that it compares steps taken under the
+same machine conditions (on a shared VM, the speed of the same step drifts by 10-15% between
+processes and within one).
 """
 
 from __future__ import annotations
@@ -97,8 +98,11 @@ def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeat
     for _ in range(repeats):
         floor_times.append(floor_step())
         times.append(method_step())
-    seconds, floor = statistics.median(times), statistics.median(floor_times)
-    return {"seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor, "peak_rss_mb": peak_mb}
+    # The ratio is the median over adjacent (floor, method) pairs: a drift of the machine's speed
+    # during the run cancels within each pair, not only on average.
+    ratio = statistics.median(m / f for m, f in zip(times, floor_times))
+    return {"seconds": statistics.median(times), "floor_seconds": statistics.median(floor_times), "ratio": ratio,
+            "peak_rss_mb": peak_mb}
 
 
 def _worker(queue, *args) -> None:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ctdbench import parallel
 from ctdbench.data import PairedDataset, Schedule, chain_digest, collate
+from methods.base import token_cross_entropy
 
 
 @dataclass
@@ -92,11 +93,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 def heldout_nll(student: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Summed next-token negative log-likelihood (nats) of the student side of ``batch``."""
     ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
-    logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-    )
+    return token_cross_entropy(student(input_ids=ids, attention_mask=mask).logits, ids, mask, reduction="sum")
 
 
 @torch.no_grad()

@@ -150,16 +150,25 @@ def check_hparams(cls: type, hparams: dict[str, Any], *, name: str) -> None:
         raise ValueError(f"methods.{name}: missing hyperparameter(s) {', '.join(missing)}")
 
 
-def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over real target tokens.
+def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                        reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over real target tokens: their mean (or ``reduction="sum"``).
 
     Args:
         logits: [B, L, V]; position t predicts ``input_ids[:, t + 1]``.
         input_ids: [B, L].
         mask: [B, L] loss mask; a target counts where it is 1.
     """
+    # The flat, contiguous logits with shifted targets: slicing logits[:, :-1] instead costs a
+    # copy forward and a zero-filled full-size gradient plus a copy backward.
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted_targets(input_ids, mask), ignore_index=-100,
+                           reduction=reduction)
+
+
+def shifted_targets(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B * L] next-token target of every position (-100 where there is none), for flat [B * L, V] logits."""
     targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return torch.cat([targets, targets.new_full((len(targets), 1), -100)], 1).view(-1)
 
 
 def logprob_cross_entropy(logp: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

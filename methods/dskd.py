@@ -49,8 +49,8 @@ import torch
 from torch import nn
 
 from methods import register
-from methods.base import DistillationMethod
-from methods.kd import ce_kl, shifted_targets
+from methods.base import DistillationMethod, shifted_targets
+from methods.kd import ce_kl
 
 
 def masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from methods import register
-from methods.base import DistillationMethod
+from methods.base import DistillationMethod, shifted_targets
 
 
 BLOCK = 1 << 18  # elements of one row block (1 MB in fp32): a block's temporaries stay in cache
@@ -122,15 +122,6 @@ def ce_kl(z: torch.Tensor, targets: torch.Tensor | None = None, target_fn=None, 
 def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(t / T) || softmax(z / T)) per row [N], gradients to the student logits only."""
     return ce_kl(student_logits, None, lambda r0, r1: teacher_logits[r0:r1], temperature)[1]
-
-
-def shifted_targets(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B * L] next-token target of every position (-100 where there is none), for flat [B * L, V] logits.
-
-    Working on the flat, contiguous logits avoids copying ``logits[:, :-1]`` (and its backward).
-    """
-    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return torch.cat([targets, targets.new_full((len(targets), 1), -100)], 1).view(-1)
 
 
 def kd_loss(student_logits, teacher_logits, input_ids, mask, *, kd_rate: float = 0.5, temperature: float = 2.0):

@@ -58,8 +58,8 @@ import torch
 
 from ctdbench.align import chunks
 from methods import register
-from methods.base import DistillationMethod
-from methods.kd import ce_kl, shifted_targets
+from methods.base import DistillationMethod, shifted_targets
+from methods.kd import ce_kl
 
 
 def mined_map(teacher_token_bytes: list[bytes | None], student_token_bytes: list[bytes | None],
