@@ -35,13 +35,13 @@ Deviations from the official code (each with the reason):
 Implementation notes (same numbers, faster on CPU): the sort runs in numpy (exact, ~10x faster
 than ``torch.sort`` there; the student's order from one int64 sort of packed value/index keys);
 the larger vocabulary is only partitioned to its top min(Vs, Vt) entries plus the summed rest,
-which is all that zero padding compares; teacher rows are built and sorted in blocks of ~4 MB,
-because larger fresh tensors are mmap'd and page-faulted on every step.
+which is all that zero padding compares; rows are sorted in blocks of ~4 MB spread over torch's
+threads (numpy's sorts release the GIL). ``uld_aligned`` takes each side's token log-probabilities
+for the chain-rule factors from the same softmax as its rows, not from a separate logsumexp.
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,8 +51,8 @@ from ctdbench.align import chunks, target_chunks
 from methods import register
 from methods.base import DistillationMethod, target_rows, token_cross_entropy
 
-LOG_EPS = math.log(1e-8)  # GOLD's clamp of the merged scalar probabilities
-BLOCK = 1 << 20           # elements per row block (4 MB of fp32): below glibc's mmap threshold
+EPS = 1e-8  # GOLD's clamp of the merged scalar probabilities
+BLOCK = 1 << 20           # elements per row block (4 MB of fp32), the unit of work of a thread
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -150,34 +150,27 @@ def _rows(z: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tens
     return z if temperature == 1.0 else z / temperature
 
 
-def rows_probs(z, rows, temperature: float, shift=None) -> torch.Tensor:
-    """exp(z[rows] / T - shift) [N, V], or softmax(z[rows] / T) without ``shift``."""
-    z = _rows(z, rows, temperature)
-    return z.softmax(-1) if shift is None else (z - shift[:, None]).exp()
+def rows_probs(z, rows, temperature: float) -> torch.Tensor:
+    """softmax(z[rows] / T) [N, V]."""
+    return _rows(z, rows, temperature).softmax(-1)
 
 
 @torch.no_grad()
-def teacher_split(z, rows, temperature: float, k: int, shift=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`split_sorted` of the teacher's :func:`rows_probs`, built and sorted block by block.
+def teacher_split(z, rows, temperature: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_sorted` of the teacher's :func:`rows_probs`, built and sorted block by block
+    (on torch's threads).
 
     Args:
-        z: [R, V] teacher logits; rows: [N] row indices; shift: optional [N] log normalisers.
+        z: [R, V] teacher logits; rows: [N] row indices.
     """
     if z.device.type != "cpu":
-        return split_sorted(rows_probs(z, rows, temperature, shift), k)
+        return split_sorted(rows_probs(z, rows, temperature), k)
 
     def block(sl):
-        return _split_values(rows_probs(z, rows[sl], temperature, None if shift is None else shift[sl]).numpy(), k)
+        return _split_values(rows_probs(z, rows[sl], temperature).numpy(), k)
     parts = _map(block, _blocks(len(rows), z.shape[1]))
     out = torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, k + 1), np.float32))
     return out[:, :k], out[:, k]
-
-
-def log_normalisers(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logsumexp of every row of z / T ([R]); without autograd in blocks (module notes)."""
-    if z.requires_grad or z.device.type != "cpu":
-        return torch.logsumexp(_rows(z, slice(None), temperature), -1)
-    return torch.cat([torch.logsumexp(_rows(z, sl, temperature), -1) for sl in _blocks(z.shape[0], z.shape[1])])
 
 
 def byte_groups(examples, teacher_token_bytes, student_token_bytes) -> dict[str, torch.Tensor]:
@@ -219,26 +212,24 @@ def byte_groups(examples, teacher_token_bytes, student_token_bytes) -> dict[str,
     return out
 
 
-def group_shift(logits, ids, pre, b, c, n_groups: int, temperature: float):
-    """What the chain-rule merge of every compared group needs (differentiable for the student).
+def group_probs(logits, ids, pre, b, c, n_groups: int, temperature: float, rows):
+    """The chain-rule merged distribution of every compared group (differentiable for the student).
 
     Args:
         logits: [B, L, V]; ids: [B, L]; pre: [B, L] group of each non-last token (-1 = none).
-        b, c: [N] example and group of every compared row.
+        b, c: [N] example and group of every compared row; rows: [N] its row of the flat logits.
 
     Returns:
-        The flat logits [B * L, V], log normalisers [B, L] of every row at temperature T, and per
-        compared group the log of its chain-rule factor, sum of max(log p(earlier token), log 1e-8).
+        [N, V]: softmax(logits[row] / T) times the group's chain-rule factor, the product of
+        max(p(earlier token), 1e-8). One softmax gives both (log p(token) is the log of its entry).
     """
     B, L, V = logits.shape
-    z = logits.reshape(B * L, V)
-    lse = log_normalisers(z, temperature).view(B, L)
-    tok = _rows(logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1), slice(None), temperature)
-    tok = (tok - lse[:, :-1]).clamp_min(LOG_EPS)                                 # log p(token t + 1)
+    p = _rows(logits.reshape(B * L, V), slice(None), temperature).softmax(-1)
+    tok = p.view(B, L, V)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).clamp_min(EPS).log()  # log p(token t + 1)
     tgt = pre[:, 1:]
     col = torch.where(tgt >= 0, tgt, n_groups)                                   # dump column C
-    log_factor = lse.new_zeros(B, n_groups + 1).scatter_add_(1, col, tok * (tgt >= 0))
-    return z, lse, log_factor[b, c]
+    log_factor = tok.new_zeros(B, n_groups + 1).scatter_add_(1, col, tok * (tgt >= 0))
+    return p.index_select(0, rows) * log_factor[b, c].exp()[:, None]
 
 
 @register("uld", aligned=False)
@@ -270,11 +261,10 @@ class ULD(DistillationMethod):
             b, c = (row_t >= 0).nonzero(as_tuple=True)
             rs, rt = b * Ls + row_s[b, c], b * Lt + row_t[b, c]
             with torch.no_grad():
-                zt, lse_t, f_t = group_shift(t_logits, batch["teacher_input_ids"], batch["uld_pre_teacher"], b, c,
-                                             row_t.shape[1], Tt)
-                top_t, rest_t = teacher_split(zt, rt, Tt, k, lse_t.flatten()[rt] - f_t)
-            zs, lse_s, f_s = group_shift(s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1], Ts)
-            top_s, rest_s = split_sorted(rows_probs(zs, rs, Ts, lse_s.flatten()[rs] - f_s), k)
+                top_t, rest_t = split_sorted(group_probs(t_logits, batch["teacher_input_ids"], batch["uld_pre_teacher"],
+                                                         b, c, row_t.shape[1], Tt, rt), k)
+            top_s, rest_s = split_sorted(group_probs(s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1],
+                                                     Ts, rs), k)
         else:
             # Official alignment: target j of the student against target j of the teacher.
             (rows_s, n_s), (rows_t, n_t) = target_rows(s_mask), target_rows(batch["teacher_loss_mask"])
