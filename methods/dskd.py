@@ -104,7 +104,8 @@ def dskd_loss(*, student_logits, student_hidden, student_ids, student_mask, stud
     t2s_hidden = (align.softmax(-1) @ v_t2s)[m_s]                                     # [N_s, ds]
     t2s_logits = t2s_hidden @ student_head.detach().float().T                         # [N_s, Vs]
     targets = targets_s[rows_s]
-    t2s_ce = ce_kl(t2s_logits, targets)[0].sum()
+    w = kd_rate / n_s  # of every KD sum; the student's CE has (1 - kd_rate) / n_s
+    loss_t2s_ce, t2s_ce, _ = ce_kl(t2s_logits, targets, ce_weight=w)
     # KL(t2s / (T * teacher_T) || z / T) at rows where t2s predicts the target: a soft target for
     # those rows of the student's flat logits, which also give the student's CE in the same pass.
     t2s_target = t2s_logits.detach()
@@ -115,21 +116,19 @@ def dskd_loss(*, student_logits, student_hidden, student_ids, student_mask, stud
         k = source[r0:r1]
         return t2s_target[k.clamp(min=0)] / teacher_temperature if (k >= 0).any() else None
 
-    ce, t2s_kd = ce_kl(student_logits.reshape(-1, student_logits.shape[-1]), targets_s, t2s_fn, temperature,
-                       (source >= 0).float())
-    ce, t2s_kd = ce.sum() / n_s, t2s_kd.sum()
+    loss_student, ce, t2s_kd = ce_kl(student_logits.reshape(-1, student_logits.shape[-1]), targets_s, t2s_fn,
+                                     temperature, (1 - kd_rate) / n_s, w, (source >= 0).float())
 
     # Student -> teacher space, at the teacher's real targets.
     s2t_hidden = (align.transpose(1, 2).softmax(-1) @ v_s2t)[m_t]                     # [N_t, dt]
     s2t_logits = s2t_hidden @ teacher_head.detach().float().T                         # [N_t, Vt]
-    # The teacher's target rows gathered once: the KL reads every block of them forward and backward.
+    # The teacher's target rows gathered once: the KL reads every block of them.
     teacher_rows = teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, rows_t)
-    s2t_kd = ce_kl(s2t_logits, None, lambda r0, r1: teacher_rows[r0:r1], temperature)[1].sum()
+    loss_s2t, _, s2t_kd = ce_kl(s2t_logits, None, lambda r0, r1: teacher_rows[r0:r1], temperature, kl_weight=w)
 
-    kd = (t2s_ce + t2s_kd + s2t_kd) / n_s
-    terms = {"ce": ce, "t2s_ce": t2s_ce / n_s, "t2s_kd": t2s_kd / n_s, "s2t_kd": s2t_kd / n_s,
+    terms = {"ce": ce / n_s, "t2s_ce": t2s_ce / n_s, "t2s_kd": t2s_kd / n_s, "s2t_kd": s2t_kd / n_s,
              "t2s_acc": acc.float().mean() if len(acc) else acc.new_zeros((), dtype=torch.float)}
-    return (1 - kd_rate) * ce + kd_rate * kd, terms
+    return loss_t2s_ce + loss_student + loss_s2t, terms
 
 
 @register("dskd")

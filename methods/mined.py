@@ -246,9 +246,9 @@ def mined_loss(student_logits, input_ids, mask, teacher_logits, teacher_pos, voc
         u[hot, y[hot].clamp(min=0)] = 100.0
         return u
 
-    ce, kl = ce_kl(student_logits.reshape(-1, V), targets, target_fn, temperature, has.float())
-    ce, kd = ce.sum() / n, kl.sum() / n
-    return (1 - kd_rate) * ce + kd_rate * kd, ce, kd, (has & (tpos >= 0)).sum() / n
+    loss, ce, kd = ce_kl(student_logits.reshape(-1, V), targets, target_fn, temperature,
+                         (1 - kd_rate) / n, kd_rate / n, has.float())
+    return loss, ce / n, kd / n, (has & (tpos >= 0)).sum() / n
 
 
 @register("mined")

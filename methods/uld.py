@@ -35,9 +35,11 @@ Deviations from the official code (each with the reason):
 Implementation notes (same numbers, faster on CPU): the sort runs in numpy (exact, ~10x faster
 than ``torch.sort`` there; the student's order from one int64 sort of packed value/index keys);
 the larger vocabulary is only partitioned to its top min(Vs, Vt) entries plus the summed rest,
-which is all that zero padding compares; rows are sorted in blocks of ~4 MB spread over torch's
-threads (numpy's sorts release the GIL). ``uld_aligned`` takes each side's token log-probabilities
-for the chain-rule factors from the same softmax as its rows, not from a separate logsumexp.
+which is all that zero padding compares; the student's gradient reaches its columns by one
+scatter of the slopes (:class:`_SortedL1`, a hand-written backward); rows are sorted in blocks of
+~4 MB spread over torch's threads (numpy's sorts release the GIL). ``uld_aligned`` takes each
+side's token log-probabilities for the chain-rule factors from the same softmax as its rows, not
+from a separate logsumexp.
 """
 
 from __future__ import annotations
@@ -72,11 +74,10 @@ def _map(fn, items: list) -> list:
 def _split_values(a: np.ndarray, k: int) -> np.ndarray:
     """[n, k + 1]: the k largest values of each row in descending order, then the sum of the rest."""
     V = a.shape[1]
-    a = np.partition(a, V - k, axis=-1) if k < V else a
-    top = np.ascontiguousarray(a[:, V - k:])  # numpy sorts a contiguous array ~30% faster
-    top.sort(axis=-1)
+    a = np.partition(a, V - k, axis=-1) if k < V else a.copy()
+    a[:, V - k:].sort(axis=-1)  # in place, on the strided view (a copy to sort contiguously costs more)
     out = np.empty((len(a), k + 1), dtype=a.dtype)
-    out[:, :k] = top[:, ::-1]
+    out[:, :k] = a[:, V - k:][:, ::-1]
     out[:, k] = a[:, : V - k].sum(-1)
     return out
 
@@ -98,6 +99,18 @@ def _order(a: np.ndarray, k: int) -> np.ndarray:
     return keys[:, ::-1] & ((1 << shift) - 1)
 
 
+def descending_order(p: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, V] column indices of each row of a non-negative matrix: its k largest entries in
+    descending order, then the other V - k in any order (found without autograd)."""
+    N, V = p.shape
+    if p.device.type != "cpu" or N == 0:
+        return p.detach().sort(-1, descending=True).indices
+    x = p.detach().contiguous().numpy()
+    if x.dtype != np.float32:  # float64 (tests): a plain stable argsort
+        return torch.from_numpy(np.argsort(-x, axis=-1, kind="stable"))
+    return torch.from_numpy(np.concatenate(_map(lambda sl: _order(x[sl], k), _blocks(N, V, 8))))
+
+
 def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of a non-negative matrix, descending, and the sum of the rest.
 
@@ -111,20 +124,39 @@ def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         top [N, k] with ``top[:, 0] >= top[:, 1] >= ...``, and rest [N], the sum of the other V - k.
     """
     N, V = p.shape
-    if p.device.type != "cpu" or N == 0:
-        idx = p.detach().sort(-1, descending=True).indices
-    else:
-        x = p.detach().contiguous().numpy()
-        blocks = _blocks(N, V, 8)
-        if not p.requires_grad:
-            out = torch.from_numpy(np.concatenate(_map(lambda sl: _split_values(x[sl], k), blocks)))
-            return out[:, :k], out[:, k]
-        if x.dtype == np.float32:
-            idx = torch.from_numpy(np.concatenate(_map(lambda sl: _order(x[sl], k), blocks)))
-        else:  # float64 (tests): a plain stable argsort
-            idx = torch.from_numpy(np.argsort(-x, axis=-1, kind="stable"))
-    ordered = p.gather(-1, idx)
+    if not p.requires_grad and p.device.type == "cpu" and N > 0:
+        x = p.contiguous().numpy()
+        out = torch.from_numpy(np.concatenate(_map(lambda sl: _split_values(x[sl], k), _blocks(N, V, 8))))
+        return out[:, :k], out[:, k]
+    ordered = p.gather(-1, descending_order(p, k))
     return ordered[:, :k], ordered[:, k:].sum(-1)
+
+
+class _SortedL1(torch.autograd.Function):
+    """Per row: sum_{j < k} |p[idx_j] - top_j| + (the rest of p) + rest, with top [N, k], rest [N].
+
+    idx is a permutation of every row, so the gradient goes to p's columns by one scatter (no zero
+    fill, no accumulation) instead of autograd's gather and abs backward.
+    """
+
+    @staticmethod
+    def forward(ctx, p, idx, top, rest):
+        k = top.shape[1]
+        ordered = p.gather(-1, idx)
+        diff = ordered[:, :k] - top
+        dist = diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest
+        slope = torch.ones_like(ordered)  # d dist / d ordered
+        torch.sign(diff, out=slope[:, :k])
+        ctx.save_for_backward(idx, slope)
+        ctx.k = k
+        return dist
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, slope = ctx.saved_tensors
+        d = slope.mul_(g[:, None])  # the saved slope is not needed again
+        return (torch.empty_like(d).scatter_(-1, idx, d) if ctx.needs_input_grad[0] else None, None,
+                -d[:, : ctx.k] if ctx.needs_input_grad[2] else None, g if ctx.needs_input_grad[3] else None)
 
 
 def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
@@ -141,8 +173,13 @@ def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
         [N] distances (differentiable with respect to both inputs).
     """
     k = min(p_student.shape[-1], p_teacher.shape[-1])
-    (qs, rest_s), (qt, rest_t) = split_sorted(p_student, k), split_sorted(p_teacher, k)
-    return (qs - qt).abs().sum(-1) + rest_s + rest_t
+    return sorted_l1_to_split(p_student, *split_sorted(p_teacher, k))
+
+
+def sorted_l1_to_split(p: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """:func:`sorted_l1` of ``p`` [N, V] against a distribution given by :func:`split_sorted` (its
+    k <= V largest entries, descending, and the sum of the rest)."""
+    return _SortedL1.apply(p, descending_order(p, top.shape[1]), top, rest)
 
 
 def _rows(z: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -263,16 +300,15 @@ class ULD(DistillationMethod):
             with torch.no_grad():
                 top_t, rest_t = split_sorted(group_probs(t_logits, batch["teacher_input_ids"], batch["uld_pre_teacher"],
                                                          b, c, row_t.shape[1], Tt, rt), k)
-            top_s, rest_s = split_sorted(group_probs(s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1],
-                                                     Ts, rs), k)
+            p_s = group_probs(s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1], Ts, rs)
         else:
             # Official alignment: target j of the student against target j of the teacher.
             (rows_s, n_s), (rows_t, n_t) = target_rows(s_mask), target_rows(batch["teacher_loss_mask"])
             n = torch.minimum(n_s, n_t)
             b, j = (torch.arange(int(n.max()), device=n.device) < n[:, None]).nonzero(as_tuple=True)
             top_t, rest_t = teacher_split(t_logits.reshape(B * Lt, Vt), b * Lt + rows_t[b, j], Tt, k)
-            top_s, rest_s = split_sorted(rows_probs(s_logits.reshape(B * Ls, Vs), b * Ls + rows_s[b, j], Ts), k)
-        dist = (top_s - top_t).abs().sum(-1) + rest_s + rest_t                     # sorted_l1 per row
+            p_s = rows_probs(s_logits.reshape(B * Ls, Vs), b * Ls + rows_s[b, j], Ts)
+        dist = sorted_l1_to_split(p_s, top_t, rest_t)
         rows = torch.zeros(B, device=dist.device).index_add_(0, b, torch.ones_like(dist))
         per_example = dist.new_zeros(B).index_add_(0, b, dist) / rows.clamp(min=1)
         uld = per_example.sum() / (rows > 0).sum().clamp(min=1)

@@ -11,7 +11,7 @@ from ctdbench.data import PairedDataset, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.tokbytes import token_bytes
 from methods.base import MethodContext, token_cross_entropy
-from methods.kd import ce_kl, forward_kl, kd_loss
+from methods.kd import ce_kl, kd_loss
 
 MODEL = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 
@@ -58,7 +58,7 @@ def test_kd_matches_naive_definition(seed, kd_rate, T):
 def test_kd_is_zero_for_identical_logits_and_padding_is_ignored():
     z, t, ids, mask = random_batch(0)
     zz = z.clone().requires_grad_(True)
-    _, _, kl = kd_loss(zz, z, ids, mask)
+    kl, _, _ = kd_loss(zz, z, ids, mask, kd_rate=1.0)  # the loss is the KL alone
     (grad,) = torch.autograd.grad(kl, zz)
     assert abs(kl.item()) < 1e-6 and grad.abs().max() < 1e-7
     # Positions without a target (padding, the last position) do not count, whatever they hold.
@@ -68,44 +68,63 @@ def test_kd_is_zero_for_identical_logits_and_padding_is_ignored():
     assert torch.allclose(torch.stack(kd_loss(junk(z), junk(t), ids, mask)), torch.stack(kd_loss(z, t, ids, mask)))
 
 
+def row_kl(t, z, T):
+    """KL(softmax(t_i / T) || softmax(z_i / T)) of every row, one row per call."""
+    return torch.stack([ce_kl(z[i:i + 1], None, lambda r0, r1, i=i: t[i:i + 1], T)[2] for i in range(len(z))])
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.floats(0.5, 8.0))
 def test_kl_properties(seed, T):
     g = torch.Generator().manual_seed(seed)
     z, t = torch.randn(4, 11, generator=g) * 4, torch.randn(4, 11, generator=g) * 4
-    kl = forward_kl(t, z, T)
+    kl = row_kl(t, z, T)
     assert (kl > -1e-5).all()                                  # Gibbs
-    assert torch.allclose(forward_kl(t, t, T), torch.zeros(4), atol=1e-5)
-    assert torch.allclose(forward_kl(t + 3.0, z - 1.0, T), kl, atol=1e-4)  # shift invariance
+    assert torch.allclose(row_kl(t, t, T), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(row_kl(t + 3.0, z - 1.0, T), kl, atol=1e-4)  # shift invariance
 
 
 @pytest.mark.parametrize("block", [1 << 18, 20])  # one block, and many blocks of two rows
-def test_blockwise_ce_kl_matches_autograd(block, monkeypatch):
+def test_fused_ce_kl_matches_autograd(block, monkeypatch):
     monkeypatch.setattr("methods.kd.BLOCK", block)
     g = torch.Generator().manual_seed(1)
-    z, t = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    z, t = torch.randn(6, 9, generator=g) * 3, torch.randn(6, 9, generator=g) * 3
+    t[1, :4] = -float("inf")  # ids a top-k teacher cache does not store
+    t[4] = -1e5
+    t[4, 2] = 100.0           # MinED's one-hot target logits
     y = torch.tensor([1, 0, -100, 8, 3, -100])
-    w1, w2 = torch.randn(6, generator=g), torch.randn(6, generator=g)
-    has_kl = torch.tensor([1.0, 1, 1, 0, 1, 1])  # a row without a soft target (all-zero p)
+    has_kl = torch.tensor([1.0, 1, 1, 0, 1, 1])  # a row without a soft target
+    T = 2.0
 
-    target_fn = lambda r0, r1: t[r0:r1]  # noqa: E731
+    def reference(b, w_ce, w_kl):
+        ce = torch.nn.functional.cross_entropy(b, y, ignore_index=-100, reduction="sum")
+        p = torch.softmax(t / T, -1)
+        kl = (torch.special.xlogy(p, p) - p * (b / T).log_softmax(-1)).sum(-1) @ has_kl
+        return w_ce * ce + w_kl * kl, ce, kl
 
-    for use in ("both", "ce", "kl"):
+    for targets, fn, w_ce, w_kl in ((y, lambda r0, r1: t[r0:r1], 0.7, 0.3), (y, None, 1.0, 0.0),
+                                    (None, lambda r0, r1: t[r0:r1], 0.0, 1.5)):
         a, b = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
-        ce, kl = ce_kl(a, y, target_fn, 2.0, has_kl)
-        ref_ce = torch.nn.functional.cross_entropy(b, y, ignore_index=-100, reduction="none")
-        p = torch.softmax(t / 2.0, -1)
-        ref_kl = (p * (p.log() - (b / 2.0).log_softmax(-1))).sum(-1) * has_kl
-        assert torch.allclose(ce, ref_ce, atol=1e-6) and torch.allclose(kl, ref_kl, atol=1e-6)
-        lhs = {"both": (ce * w1).sum() + (kl * w2).sum(), "ce": (ce * w1).sum(), "kl": (kl * w2).sum()}[use]
-        rhs = {"both": (ref_ce * w1).sum() + (ref_kl * w2).sum(), "ce": (ref_ce * w1).sum(), "kl": (ref_kl * w2).sum()}[use]
-        lhs.backward()
-        rhs.backward()
-        assert torch.allclose(a.grad, b.grad, atol=1e-6), use
-    # No CE, and a target_fn that skips blocks.
+        got = ce_kl(a, targets, fn, T, w_ce, w_kl, has_kl)
+        want = reference(b, w_ce, w_kl)
+        want_ce = want[1].item() if targets is not None else 0.0
+        want_kl = want[2].item() if fn is not None else 0.0
+        assert [x.item() for x in got] == pytest.approx([want[0].item(), want_ce, want_kl], abs=1e-5)
+        (3.0 * got[0]).backward()  # the saved gradient is scaled by the upstream one
+        (3.0 * want[0]).backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), (targets is None, fn is None)
+        assert not got[1].requires_grad and not got[2].requires_grad
+    # bf16 logits: the gradient is composed in fp32 and returned in the logits' dtype.
+    a = z.bfloat16().requires_grad_(True)
+    ce_kl(a, y, lambda r0, r1: t[r0:r1], T, 0.7, 0.3, has_kl)[0].backward()
+    b = z.bfloat16().float().requires_grad_(True)
+    reference(b, 0.7, 0.3)[0].backward()
+    assert a.grad.dtype == torch.bfloat16 and torch.allclose(a.grad.float(), b.grad, atol=1e-2)
+    # A target_fn that skips blocks: no KL, no gradient from it.
     a = z.clone().requires_grad_(True)
-    ce, kl = ce_kl(a, None, lambda r0, r1: None, 2.0)
-    assert (ce == 0).all() and (kl == 0).all()
+    loss, ce, kl = ce_kl(a, None, lambda r0, r1: None, T)
+    loss.backward()
+    assert loss.item() == ce.item() == kl.item() == 0 and (a.grad == 0).all()
 
 
 def _ctx(student_side, teacher_side, student=None, teacher=None):

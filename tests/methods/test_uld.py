@@ -41,13 +41,14 @@ def test_sorted_l1_matches_definition_and_its_gradient(dtype, vs, vt):
     ps, pt = rand_probs(g, 600, vs, dtype=dtype), rand_probs(g, 600, vt, dtype=dtype)
     pt[:5] *= torch.rand(5, 1, generator=g, dtype=dtype)          # unnormalised rows (merged groups)
     a, b = ps.clone().requires_grad_(True), ps.clone().requires_grad_(True)
-    got, want = sorted_l1(a, pt), definition(b, pt)
+    c, d = pt.clone().requires_grad_(True), pt.clone().requires_grad_(True)
+    got, want = sorted_l1(a, c), definition(b, d)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert torch.allclose(got, want, atol=tol, rtol=0)
     w = torch.rand(600, generator=g, dtype=dtype)
     (got * w).sum().backward()
     (want * w).sum().backward()
-    assert torch.allclose(a.grad, b.grad, atol=tol)
+    assert torch.allclose(a.grad, b.grad, atol=tol) and torch.allclose(c.grad, d.grad, atol=tol)
 
 
 def test_sorted_l1_zero_on_identical_and_invariant_to_permutations():
