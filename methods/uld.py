@@ -84,19 +84,20 @@ def _split_values(a: np.ndarray, k: int) -> np.ndarray:
 
 def _order(a: np.ndarray, k: int) -> np.ndarray:
     """[n, V] column indices: the k largest entries of each row in descending order, then the rest."""
-    # Non-negative float32 values order like their int32 bit patterns; with the column index in
-    # the low bits one int64 sort gives order and indices (numpy's argsort is not vectorised).
+    # Non-negative float32 values order like their int32 bit patterns, so their complements order
+    # them descending; with the column index in the low bits one ascending int64 sort gives order
+    # and indices (numpy's argsort is not vectorised).
     V = a.shape[1]
     shift = max(1, (V - 1).bit_length())
-    keys = a.view(np.int32).astype(np.int64)
-    keys <<= shift
+    keys = np.left_shift(np.invert(a.view(np.int32)), shift, dtype=np.int64)
     keys |= np.arange(V)
     if k < V:
-        keys = np.partition(keys, V - k, axis=-1)
-        keys[:, V - k:] = np.sort(keys[:, V - k:], axis=-1)[:, ::-1]
-        return np.roll(keys & ((1 << shift) - 1), k, axis=1)
-    keys.sort(axis=-1)
-    return keys[:, ::-1] & ((1 << shift) - 1)
+        keys = np.partition(keys, k, axis=-1)
+        keys[:, :k].sort(axis=-1)
+    else:
+        keys.sort(axis=-1)
+    keys &= (1 << shift) - 1
+    return keys
 
 
 def descending_order(p: torch.Tensor, k: int) -> torch.Tensor:
@@ -266,7 +267,8 @@ def group_probs(logits, ids, pre, b, c, n_groups: int, temperature: float, rows)
     tgt = pre[:, 1:]
     col = torch.where(tgt >= 0, tgt, n_groups)                                   # dump column C
     log_factor = tok.new_zeros(B, n_groups + 1).scatter_add_(1, col, tok * (tgt >= 0))
-    return p.index_select(0, rows) * log_factor[b, c].exp()[:, None]
+    merged, factor = p.index_select(0, rows), log_factor[b, c].exp()[:, None]
+    return merged * factor if merged.requires_grad else merged.mul_(factor)  # in place: the teacher
 
 
 @register("uld", aligned=False)
