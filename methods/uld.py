@@ -155,7 +155,7 @@ class _SortedL1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         idx, slope = ctx.saved_tensors
-        d = slope.mul_(g[:, None])  # the saved slope is not needed again
+        d = slope * g[:, None]  # not in place: a retained graph may run this backward again
         return (torch.empty_like(d).scatter_(-1, idx, d) if ctx.needs_input_grad[0] else None, None,
                 -d[:, : ctx.k] if ctx.needs_input_grad[2] else None, g if ctx.needs_input_grad[3] else None)
 

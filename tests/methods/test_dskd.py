@@ -12,6 +12,7 @@ from ctdbench.data import PairedDataset, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.tokbytes import token_bytes
 from ctdbench.train import TrainConfig, make_optimizer
+from methods import kd
 from methods.base import MethodContext
 from methods.dskd import dskd_loss
 
@@ -139,6 +140,36 @@ def test_padded_positions_do_not_matter():
         in_pad = a[f"{side}_mask"] == 0  # ids at padding (inputs and targets)
         b[f"{side}_ids"] = a[f"{side}_ids"].masked_fill(in_pad, 3)
     assert torch.allclose(ours(b, proj)[0], base, rtol=1e-6)
+
+
+def test_gradient_routing_per_term(monkeypatch):
+    """Each fused CE/KL term reaches only what it should: the t2s CE the query and t2s projectors,
+    the student's CE and t2s KL (detached target) the student logits, the s2t KL h_S, query and
+    s2t; never the teacher."""
+    parts = []
+
+    def recording_ce_kl(*args, **kwargs):
+        out = kd.ce_kl(*args, **kwargs)
+        parts.append(out[0])
+        return out
+
+    monkeypatch.setattr("methods.dskd.ce_kl", recording_ce_kl)
+    a, proj = random_inputs(1)
+    force_correct(a, proj)
+    for k in ("student_logits", "student_hidden", "teacher_logits", "teacher_hidden"):
+        a[k] = a[k].clone().requires_grad_(True)
+    _, terms = ours(a, proj)
+    assert terms["t2s_kd"] > 0 and len(parts) == 3
+    inputs = [a["student_logits"], a["student_hidden"], a["teacher_logits"], a["teacher_hidden"],
+              proj["query"].weight, proj["t2s"].weight, proj["s2t"].weight]
+    reach = []
+    for part in parts:
+        grads = torch.autograd.grad(part, inputs, retain_graph=True, allow_unused=True)
+        reach.append([g is not None and g.abs().sum().item() > 0 for g in grads])
+    #                    z_S    h_S    z_T    h_T    query  t2s    s2t
+    assert reach == [[False, False, False, False, True, True, False],    # t2s CE: trains the projectors
+                     [True, False, False, False, False, False, False],   # student CE + t2s KL
+                     [False, True, False, False, True, False, True]]     # s2t KL
 
 
 @pytest.mark.parametrize("kd_rate", [0.0, 1.0])
