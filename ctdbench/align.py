@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctdbench.tokbytes import TokenSpans
+
 
 def _lengths(token_bytes: list[bytes | None]) -> tuple[np.ndarray, np.ndarray, bytes]:
     """Positions of the non-special tokens, their byte lengths, and the side's bytes."""
@@ -47,32 +49,69 @@ def chunks(teacher_token_bytes: list[bytes | None], student_token_bytes: list[by
             s_len[0] -= 1
         else:
             raise ValueError("the two tokenizations spell different bytes; they cannot be aligned")
-    t_end, s_end = np.cumsum(t_len), np.cumsum(s_len)
+    return [tuple(c) for c in _tile(t_pos, np.cumsum(t_len), s_pos, np.cumsum(s_len)).tolist()]
+
+
+def span_chunks(teacher: TokenSpans, student: TokenSpans, teacher_keep: np.ndarray | None = None,
+                student_keep: np.ndarray | None = None) -> np.ndarray:
+    """:func:`chunks` of two tokenizations given as byte spans of one text, without touching bytes.
+
+    The spans of each side tile the text (``ctdbench.data.Side.encode``: specials, BOS and a bare
+    dummy prefix have empty spans), so token ends are the cumulative offsets :func:`chunks`
+    computes from bytes, and the text needs no comparison.
+
+    Args:
+        teacher / student: each side's ``TokenSpans`` of the same text.
+        teacher_keep / student_keep: [L] bool, the tokens that take part (default: non-empty spans;
+            a kept empty span joins the chunk around its offset, as a zero-length token does).
+
+    Returns:
+        [C, 4] int64 chunks ``(i0, i1, j0, j1)`` as :func:`chunks` gives them.
+    """
+    sides = []
+    for spans, keep in ((teacher, teacher_keep), (student, student_keep)):
+        ends = np.asarray(spans.ends, dtype=np.int64)
+        pos = np.flatnonzero(ends > np.asarray(spans.starts, dtype=np.int64) if keep is None else keep)
+        sides += [pos, ends[pos]]
+    return _tile(*sides)
+
+
+def _tile(t_pos: np.ndarray, t_end: np.ndarray, s_pos: np.ndarray, s_end: np.ndarray) -> np.ndarray:
+    """[C, 4] chunks from the positions of each side's participating tokens and their end offsets."""
     # Boundaries shared by both sides; zero-length tokens (a bare dummy prefix) repeat an offset
     # and join the chunk that contains their position.
     bounds = np.intersect1d(t_end, s_end)
     bounds = bounds[bounds > 0]
     if len(bounds) == 0:
-        return []
+        return np.zeros((0, 4), dtype=np.int64)
     # Last token of each side ending at each boundary (side="right" takes zero-length followers).
     t_last = np.searchsorted(t_end, bounds, side="right")
     s_last = np.searchsorted(s_end, bounds, side="right")
     t_first = np.concatenate([[0], t_last[:-1]])
     s_first = np.concatenate([[0], s_last[:-1]])
-    return [
-        (int(t_pos[a]), int(t_pos[b - 1]) + 1, int(s_pos[c]), int(s_pos[d - 1]) + 1)
-        for a, b, c, d in zip(t_first, t_last, s_first, s_last)
-    ]
+    return np.stack([t_pos[t_first], t_pos[t_last - 1] + 1, s_pos[s_first], s_pos[s_last - 1] + 1], axis=1)
 
 
-def target_chunks(found: list[tuple[int, int, int, int]], teacher_loss: list[bool] | None,
-                  student_loss: list[bool] | None) -> list[tuple[int, int, int, int]]:
+def chunk_index(found: np.ndarray, width: int, side: int) -> np.ndarray:
+    """[width] index of the chunk holding each token of one side (-1 = none).
+
+    Args:
+        found: [C, 4] chunks; side: 0 for the teacher's ranges, 1 for the student's.
+    """
+    start, end = found[:, 2 * side], found[:, 2 * side + 1]
+    n = end - start
+    out = np.full(width, -1, dtype=np.int64)
+    out[np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(start, n)] = np.repeat(np.arange(len(found)), n)
+    return out
+
+
+def target_chunks(found: np.ndarray, teacher_loss: list[bool] | None, student_loss: list[bool] | None) -> np.ndarray:
     """The chunks whose tokens are all training targets on both sides (chat data trains on the
     assistant turns only, ``ctdbench.data.Side.encode``); ``None`` = every token is a target."""
-    keep = np.ones(len(found), dtype=bool)
-    c = np.array(found, dtype=np.int64).reshape(-1, 4)
+    c = np.asarray(found, dtype=np.int64).reshape(-1, 4)
+    keep = np.ones(len(c), dtype=bool)
     for loss, lo, hi in ((teacher_loss, 0, 1), (student_loss, 2, 3)):
         if loss is not None:
             misses = np.concatenate([[0], np.cumsum(~np.asarray(loss, dtype=bool))])  # non-targets before each token
             keep &= misses[c[:, hi]] == misses[c[:, lo]]
-    return [ch for ch, k in zip(found, keep) if k]
+    return c[keep]

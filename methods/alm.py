@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from ctdbench.align import chunks, target_chunks
+from ctdbench.align import chunk_index, span_chunks, target_chunks
 from methods import register
 from methods.base import DistillationMethod, logprob_cross_entropy
 
@@ -59,18 +59,13 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_ids(examples) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token chunk index of each side (-1 = in no chunk): ([B, Lt], [B, Ls])."""
-    width_t = max(len(e.teacher.ids) for e in examples)
-    width_s = max(len(e.student.ids) for e in examples)
-    ct = np.full((len(examples), width_t), -1, dtype=np.int64)
-    cs = np.full((len(examples), width_s), -1, dtype=np.int64)
+    widths = max(len(e.teacher.ids) for e in examples), max(len(e.student.ids) for e in examples)
+    ids = [np.full((len(examples), w), -1, dtype=np.int64) for w in widths]
     for b, ex in enumerate(examples):
-        side_bytes = [
-            [ex.text[s:e] if e > s else None for s, e in zip(sp.starts, sp.ends)] for sp in (ex.teacher, ex.student)
-        ]
-        for c, (i0, i1, j0, j1) in enumerate(target_chunks(chunks(*side_bytes), ex.teacher.loss, ex.student.loss)):
-            ct[b, i0:i1] = c
-            cs[b, j0:j1] = c
-    return torch.from_numpy(ct), torch.from_numpy(cs)
+        found = target_chunks(span_chunks(ex.teacher, ex.student), ex.teacher.loss, ex.student.loss)
+        for side, (out, width) in enumerate(zip(ids, widths)):
+            out[b] = chunk_index(found, width, side)
+    return torch.from_numpy(ids[0]), torch.from_numpy(ids[1])
 
 
 def chunk_logprobs(logp: torch.Tensor, ids: torch.Tensor, chunk: torch.Tensor, space: torch.Tensor, n_chunks: int):

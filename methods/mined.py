@@ -56,7 +56,7 @@ import editdistance
 import numpy as np
 import torch
 
-from ctdbench.align import chunks
+from ctdbench.align import span_chunks
 from methods import register
 from methods.base import DistillationMethod, shifted_targets
 from methods.kd import ce_kl
@@ -136,8 +136,7 @@ def chunk_positions(examples) -> torch.Tensor:
     """[B, Ls] teacher position aligned with each student position by a 1:1 chunk (-1 = none)."""
     out = np.full((len(examples), max(len(e.student.ids) for e in examples)), -1, np.int64)
     for b, ex in enumerate(examples):
-        sides = [[ex.text[s:e] if e > s else None for s, e in zip(sp.starts, sp.ends)] for sp in (ex.teacher, ex.student)]
-        c = np.array(chunks(*sides), np.int64).reshape(-1, 4)
+        c = span_chunks(ex.teacher, ex.student)
         one = (c[:, 1] - c[:, 0] == 1) & (c[:, 3] - c[:, 2] == 1)
         out[b, c[one, 2]] = c[one, 0]
         out[b, 0] = 0  # BOS <-> BOS

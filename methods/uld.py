@@ -37,23 +37,25 @@ than ``torch.sort`` there; the student's order from one int64 sort of packed val
 the larger vocabulary is only partitioned to its top min(Vs, Vt) entries plus the summed rest,
 which is all that zero padding compares; the student's gradient reaches its columns by one
 scatter of the slopes (:class:`_SortedL1`, a hand-written backward); rows are sorted in blocks of
-~4 MB spread over torch's threads (numpy's sorts release the GIL). ``uld_aligned`` takes each
-side's token log-probabilities for the chain-rule factors from the same softmax as its rows, not
-from a separate logsumexp.
+~4 MB spread over torch's threads (numpy's sorts release the GIL). ``uld_aligned`` scales the
+teacher's sorted split by the group factor instead of its rows (a positive factor keeps the
+order), and normalises only the rows that predict a group's earlier tokens for the factors.
 """
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 
 import numpy as np
 import torch
 
-from ctdbench.align import chunks, target_chunks
+from ctdbench.align import chunk_index, span_chunks, target_chunks
 from methods import register
 from methods.base import DistillationMethod, target_rows, token_cross_entropy
 
-EPS = 1e-8  # GOLD's clamp of the merged scalar probabilities
+LOG_EPS = math.log(1e-8)  # GOLD's clamp of the merged scalar probabilities, 1e-8
 BLOCK = 1 << 20           # elements per row block (4 MB of fp32), the unit of work of a thread
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
@@ -211,7 +213,7 @@ def teacher_split(z, rows, temperature: float, k: int) -> tuple[torch.Tensor, to
     return out[:, :k], out[:, k]
 
 
-def byte_groups(examples, teacher_token_bytes, student_token_bytes) -> dict[str, torch.Tensor]:
+def byte_groups(examples, teacher_special: np.ndarray, student_special: np.ndarray) -> dict[str, torch.Tensor]:
     """Exact byte-chunk alignment of every example (GOLD's byte-offset groups), as index tensors.
 
     A zero-length token (the SentencePiece dummy prefix at the start) joins the first group, as in
@@ -220,55 +222,45 @@ def byte_groups(examples, teacher_token_bytes, student_token_bytes) -> dict[str,
 
     Args:
         examples: ``PairedExample`` objects.
-        teacher_token_bytes / student_token_bytes: each side's id -> bytes table (None = special).
+        teacher_special / student_special: [V] bool, each side's ids without bytes (specials).
 
     Returns:
         ``uld_row_teacher`` / ``uld_row_student`` [B, C]: logits row predicting the last token of each
         group (-1 = padding); ``uld_pre_teacher`` [B, Lt] / ``uld_pre_student`` [B, Ls]: the group of
         every token that is not its group's last (its probability is a chain-rule factor), else -1.
     """
-    groups = []
-    for ex in examples:
-        side_bytes = [[None if table[i] is None else ex.text[s:e] for i, s, e in zip(sp.ids, sp.starts, sp.ends)]
-                      for sp, table in ((ex.teacher, teacher_token_bytes), (ex.student, student_token_bytes))]
-        found = target_chunks(chunks(*side_bytes), ex.teacher.loss, ex.student.loss)
-        groups.append(np.array(found, dtype=np.int64).reshape(-1, 4))
+    groups = [target_chunks(span_chunks(ex.teacher, ex.student, ~teacher_special[ex.teacher.ids],
+                                        ~student_special[ex.student.ids]), ex.teacher.loss, ex.student.loss)
+              for ex in examples]
     C = max(1, max(len(g) for g in groups))
     out = {}
-    for side, col, width in (("teacher", 0, max(len(e.teacher.ids) for e in examples)),
-                             ("student", 2, max(len(e.student.ids) for e in examples))):
+    for side, name in enumerate(("teacher", "student")):
+        width = max(len(getattr(e, name).ids) for e in examples)
         row = np.full((len(examples), C), -1, dtype=np.int64)
         pre = np.full((len(examples), width), -1, dtype=np.int64)
         for b, g in enumerate(groups):
-            start, end = g[:, col], g[:, col + 1]
+            end = g[:, 2 * side + 1]
             row[b, : len(g)] = end - 2  # logits row t predicts token t + 1
-            n = end - start
-            pos = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(start, n)
-            pre[b, pos] = np.repeat(np.arange(len(g)), n)
+            pre[b] = chunk_index(g, width, side)
             pre[b, end - 1] = -1
-        out[f"uld_row_{side}"], out[f"uld_pre_{side}"] = torch.from_numpy(row), torch.from_numpy(pre)
+        out[f"uld_row_{name}"], out[f"uld_pre_{name}"] = torch.from_numpy(row), torch.from_numpy(pre)
     return out
 
 
-def group_probs(logits, ids, pre, b, c, n_groups: int, temperature: float, rows):
-    """The chain-rule merged distribution of every compared group (differentiable for the student).
+def log_chain_factors(z, ids, pre, b, c, n_groups: int, temperature: float) -> torch.Tensor:
+    """[N] log of the chain-rule factor of every compared group: the sum over the group's tokens
+    before its last of log max(p(token), 1e-8) (differentiable for the student).
 
     Args:
-        logits: [B, L, V]; ids: [B, L]; pre: [B, L] group of each non-last token (-1 = none).
-        b, c: [N] example and group of every compared row; rows: [N] its row of the flat logits.
-
-    Returns:
-        [N, V]: softmax(logits[row] / T) times the group's chain-rule factor, the product of
-        max(p(earlier token), 1e-8). One softmax gives both (log p(token) is the log of its entry).
+        z: [B, L, V] logits; ids: [B, L]; pre: [B, L] group of each non-last token (-1 = none).
+        b, c: [N] example and group of every compared row; n_groups: C, the columns of ``pre``'s groups.
     """
-    B, L, V = logits.shape
-    p = _rows(logits.reshape(B * L, V), slice(None), temperature).softmax(-1)
-    tok = p.view(B, L, V)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).clamp_min(EPS).log()  # log p(token t + 1)
-    tgt = pre[:, 1:]
-    col = torch.where(tgt >= 0, tgt, n_groups)                                   # dump column C
-    log_factor = tok.new_zeros(B, n_groups + 1).scatter_add_(1, col, tok * (tgt >= 0))
-    merged, factor = p.index_select(0, rows), log_factor[b, c].exp()[:, None]
-    return merged * factor if merged.requires_grad else merged.mul_(factor)  # in place: the teacher
+    B, L, V = z.shape
+    eb, et = (pre[:, 1:] >= 0).nonzero(as_tuple=True)  # token et + 1 of example eb is a factor; row et predicts it
+    logits = _rows(z.reshape(B * L, V), eb * L + et, temperature)
+    token = logits.gather(-1, ids[eb, et + 1, None]).squeeze(-1) - logits.logsumexp(-1)
+    per_group = token.new_zeros(B, n_groups).index_put_((eb, pre[eb, et + 1]), token.clamp_min(LOG_EPS), accumulate=True)
+    return per_group[b, c]
 
 
 @register("uld", aligned=False)
@@ -283,10 +275,16 @@ class ULD(DistillationMethod):
         self.crossentropy_weight, self.distillation_weight = crossentropy_weight, distillation_weight
         self.student_temperature, self.teacher_temperature = student_temperature, teacher_temperature
 
+    @cached_property
+    def _special(self) -> list[np.ndarray]:
+        """Each side's ids without bytes (specials), for the collator."""
+        return [np.array([b is None for b in table], dtype=bool)
+                for table in (self.ctx.teacher_token_bytes, self.ctx.student_token_bytes)]
+
     def prepare(self, examples):
         if not self.aligned:
             return {}
-        return byte_groups(examples, self.ctx.teacher_token_bytes, self.ctx.student_token_bytes)
+        return byte_groups(examples, *self._special)
 
     def loss(self, batch, student_out, teacher_out):
         s_ids, s_mask = batch["student_input_ids"], batch["student_loss_mask"]
@@ -299,10 +297,13 @@ class ULD(DistillationMethod):
             row_s, row_t = batch["uld_row_student"], batch["uld_row_teacher"]
             b, c = (row_t >= 0).nonzero(as_tuple=True)
             rs, rt = b * Ls + row_s[b, c], b * Lt + row_t[b, c]
-            with torch.no_grad():
-                top_t, rest_t = split_sorted(group_probs(t_logits, batch["teacher_input_ids"], batch["uld_pre_teacher"],
-                                                         b, c, row_t.shape[1], Tt, rt), k)
-            p_s = group_probs(s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1], Ts, rs)
+            with torch.no_grad():  # scaling a row by its positive factor scales its sorted split
+                top_t, rest_t = teacher_split(t_logits.reshape(B * Lt, Vt), rt, Tt, k)
+                factor = log_chain_factors(t_logits, batch["teacher_input_ids"], batch["uld_pre_teacher"], b, c,
+                                           row_t.shape[1], Tt).exp()
+                top_t.mul_(factor[:, None]), rest_t.mul_(factor)
+            p_s = rows_probs(s_logits.reshape(B * Ls, Vs), rs, Ts) * log_chain_factors(
+                s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1], Ts).exp()[:, None]
         else:
             # Official alignment: target j of the student against target j of the teacher.
             (rows_s, n_s), (rows_t, n_t) = target_rows(s_mask), target_rows(batch["teacher_loss_mask"])

@@ -2,9 +2,11 @@
 
 import random
 
+import numpy as np
 import pytest
 
-from ctdbench.align import chunks
+from ctdbench.align import chunks, span_chunks
+from ctdbench.tokbytes import TokenSpans
 
 
 def naive_chunks(tt, ts):
@@ -129,3 +131,42 @@ def test_real_tokenizers_both_families(text, tokenizers, shared_tokenizer):
         for b in sides:
             got = check([None, *a], [None, *b])  # a BOS on both sides, as in training
             assert got == naive_chunks([None, *a], [None, *b]) or b"".join(a) != b"".join(b)
+
+
+def spans_of(toks):
+    """TokenSpans of a token list as ``Side.encode`` gives them: specials and b"" get empty spans."""
+    ends = np.cumsum([0 if b is None else len(b) for b in toks]).tolist()
+    starts = [e - (0 if b is None else len(b)) for b, e in zip(toks, ends)]
+    return TokenSpans(list(range(len(toks))), starts, ends)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_span_chunks_match_byte_chunks(seed):
+    rng = random.Random(seed)
+    text = bytes(rng.choice(b"ab c\xc3\xa9") for _ in range(rng.randint(1, 60)))
+    sides = [random_split(text, rng), random_split(text, rng, 3)]
+    for toks in sides:  # specials and zero-length tokens anywhere
+        for _ in range(rng.randint(0, 3)):
+            toks.insert(rng.randint(0, len(toks)), rng.choice([None, b""]))
+    tt, ts = sides
+    keep = [np.array([b is not None for b in toks]) for toks in sides]
+    assert span_chunks(spans_of(tt), spans_of(ts), *keep).tolist() == [list(c) for c in chunks(tt, ts)]
+    # Default: only non-empty spans take part (zero-length tokens are in no chunk).
+    nonempty = [[b if b else None for b in toks] for toks in sides]
+    assert span_chunks(spans_of(tt), spans_of(ts)).tolist() == [list(c) for c in chunks(*nonempty)]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_span_chunks_of_real_encodings(text, tokenizers, shared_tokenizer):
+    from ctdbench.tokbytes import encode_with_spans, token_bytes
+
+    toks = [shared_tokenizer("gpt2"), shared_tokenizer("llama2"), tokenizers["sentencepiece_bpe"], tokenizers["byte"]]
+    tables = [token_bytes(tok) for tok in toks]
+    encoded = [(table, encode_with_spans(tok, text, table)) for tok, table in zip(toks, tables)]
+    data = text.encode()
+    for a in encoded:
+        for b in encoded:
+            keep = [np.array([table[i] is not None for i in sp.ids]) for table, sp in (a, b)]
+            by_bytes = [[None if table[i] is None else data[s:e] for i, s, e in zip(sp.ids, sp.starts, sp.ends)]
+                        for table, sp in (a, b)]
+            assert span_chunks(a[1], b[1], *keep).tolist() == [list(c) for c in chunks(*by_bytes)]

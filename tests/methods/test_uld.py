@@ -5,6 +5,7 @@ methods end to end on real paired examples of both tokenizer pairs."""
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,7 +193,8 @@ def test_byte_groups_from_spans():
         student=sp([9, 8, 1, 2, 3, 4], [0, 0, 0, 3, 5, 9], [0, 0, 3, 5, 9, 12]),  # BOS ▁ Hel|lo| wor|ld!
     )
     table = [b"x"] * 9 + [None]                                                 # id 9 = BOS
-    out = byte_groups([ex], table, table)
+    special = np.array([b is None for b in table])
+    out = byte_groups([ex], special, special)
     assert out["uld_row_teacher"].tolist() == [[0, 2]]          # groups end at teacher tokens 1, 3
     assert out["uld_pre_teacher"].tolist() == [[-1, -1, 1, -1]]
     assert out["uld_row_student"].tolist() == [[2, 4]]          # the dummy prefix joins group 0
