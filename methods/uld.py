@@ -186,7 +186,7 @@ def sorted_l1_to_split(p: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -
 
 
 def _rows(z: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = z[rows].float()
+    z = z.index_select(0, rows).float()  # not z[rows]: advanced indexing is ~3x slower on CPU
     return z if temperature == 1.0 else z / temperature
 
 
