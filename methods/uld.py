@@ -33,18 +33,20 @@ Deviations from the official code (each with the reason):
       the shared text (GOLD walks byte offsets; the groups are the same).
 
 Implementation notes (same numbers, faster on CPU): the sort runs in numpy (exact, ~10x faster
-than ``torch.sort`` there; the student's order from one int64 sort of packed value/index keys);
-the larger vocabulary is only partitioned to its top min(Vs, Vt) entries plus the summed rest,
-which is all that zero padding compares; the student's gradient reaches its columns by one
-scatter of the slopes (:class:`_SortedL1`, a hand-written backward); rows are sorted in blocks of
-~4 MB spread over torch's threads (numpy's sorts release the GIL). ``uld_aligned`` scales the
-teacher's sorted split by the group factor instead of its rows (a positive factor keeps the
-order), and normalises only the rows that predict a group's earlier tokens for the factors.
+than ``torch.sort`` there): the student's order and sorted values come from one int64 sort of
+packed value/column keys; the larger vocabulary is only partitioned to its top min(Vs, Vt)
+entries plus the summed rest, which is all that zero padding compares; the student's gradient
+reaches its columns by one scatter of the slopes (:class:`_SortedL1`, a hand-written backward);
+rows are sorted in blocks of ~4 MB spread over torch's threads (numpy's sorts release the GIL).
+``uld_aligned`` scales the teacher's sorted split by the group factor instead of its rows (a
+positive factor keeps the order), and normalises only the rows that predict a group's earlier
+tokens for the factors.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
@@ -84,34 +86,44 @@ def _split_values(a: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _order(a: np.ndarray, k: int) -> np.ndarray:
-    """[n, V] column indices: the k largest entries of each row in descending order, then the rest."""
+# An int64 sort key as two int32 halves: the high one orders (the complemented value bits), the
+# low one is the column, so one ascending sort gives order, columns and values.
+_HIGH, _LOW = (slice(1, None, 2), slice(0, None, 2)) if sys.byteorder == "little" else (slice(0, None, 2), slice(1, None, 2))
+
+
+def _order(a: np.ndarray, k: int, columns: np.ndarray, values: np.ndarray) -> None:
+    """Writes, per row of ``a`` [n, V], the k largest entries' columns in descending order of value,
+    then the other columns, to ``columns`` [n, V] int64, and the entries in that order to ``values``."""
     # Non-negative float32 values order like their int32 bit patterns, so their complements order
-    # them descending; with the column index in the low bits one ascending int64 sort gives order
-    # and indices (numpy's argsort is not vectorised).
-    V = a.shape[1]
-    shift = max(1, (V - 1).bit_length())
-    keys = np.left_shift(np.invert(a.view(np.int32)), shift, dtype=np.int64)
-    keys |= np.arange(V)
+    # them descending (numpy's argsort is not vectorised; its int64 sort is).
+    n, V = a.shape
+    keys = np.empty((n, V), dtype=np.int64)
+    halves = keys.view(np.int32)
+    np.invert(a.view(np.int32), out=halves[:, _HIGH])
+    halves[:, _LOW] = np.arange(V, dtype=np.int32)
     if k < V:
         keys = np.partition(keys, k, axis=-1)
         keys[:, :k].sort(axis=-1)
+        halves = keys.view(np.int32)
     else:
         keys.sort(axis=-1)
-    keys &= (1 << shift) - 1
-    return keys
+    np.invert(halves[:, _HIGH], out=values.view(np.int32))
+    np.copyto(columns, halves[:, _LOW])
 
 
-def descending_order(p: torch.Tensor, k: int) -> torch.Tensor:
-    """[N, V] column indices of each row of a non-negative matrix: its k largest entries in
-    descending order, then the other V - k in any order (found without autograd)."""
-    N, V = p.shape
-    if p.device.type != "cpu" or N == 0:
-        return p.detach().sort(-1, descending=True).indices
-    x = p.detach().contiguous().numpy()
-    if x.dtype != np.float32:  # float64 (tests): a plain stable argsort
-        return torch.from_numpy(np.argsort(-x, axis=-1, kind="stable"))
-    return torch.from_numpy(np.concatenate(_map(lambda sl: _order(x[sl], k), _blocks(N, V, 8))))
+def descending_order(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of a non-negative matrix [N, V] in an order with its k largest entries first,
+    descending (the other V - k in any order): the columns [N, V] and the values in that order
+    (found without autograd)."""
+    x = p.detach()
+    N, V = x.shape
+    if x.device.type != "cpu" or x.dtype != torch.float32 or N == 0:  # GPU; float64 (tests): a stable sort
+        columns = x.sort(dim=-1, descending=True, stable=True).indices
+        return columns, x.gather(-1, columns)
+    x = x.contiguous().numpy()
+    columns, values = np.empty((N, V), dtype=np.int64), np.empty((N, V), dtype=np.float32)
+    _map(lambda sl: _order(x[sl], k, columns[sl], values[sl]), _blocks(N, V, 8))
+    return torch.from_numpy(columns), torch.from_numpy(values)
 
 
 def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,25 +143,25 @@ def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = p.contiguous().numpy()
         out = torch.from_numpy(np.concatenate(_map(lambda sl: _split_values(x[sl], k), _blocks(N, V, 8))))
         return out[:, :k], out[:, k]
-    ordered = p.gather(-1, descending_order(p, k))
+    ordered = p.gather(-1, descending_order(p, k)[0])
     return ordered[:, :k], ordered[:, k:].sum(-1)
 
 
 class _SortedL1(torch.autograd.Function):
-    """Per row: sum_{j < k} |p[idx_j] - top_j| + (the rest of p) + rest, with top [N, k], rest [N].
+    """Per row: sum_{j < k} |p[idx_j] - top_j| + (the rest of p) + rest, with top [N, k], rest [N],
+    and ``ordered`` = p in the order idx (given, so the forward gathers nothing).
 
     idx is a permutation of every row, so the gradient goes to p's columns by one scatter (no zero
     fill, no accumulation) instead of autograd's gather and abs backward.
     """
 
     @staticmethod
-    def forward(ctx, p, idx, top, rest):
+    def forward(ctx, p, idx, ordered, top, rest):
         k = top.shape[1]
-        ordered = p.gather(-1, idx)
-        diff = ordered[:, :k] - top
-        dist = diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest
         slope = torch.ones_like(ordered)  # d dist / d ordered
-        torch.sign(diff, out=slope[:, :k])
+        diff = torch.sub(ordered[:, :k], top, out=slope[:, :k])
+        dist = diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest
+        diff.sign_()
         ctx.save_for_backward(idx, slope)
         ctx.k = k
         return dist
@@ -158,8 +170,8 @@ class _SortedL1(torch.autograd.Function):
     def backward(ctx, g):
         idx, slope = ctx.saved_tensors
         d = slope * g[:, None]  # not in place: a retained graph may run this backward again
-        return (torch.empty_like(d).scatter_(-1, idx, d) if ctx.needs_input_grad[0] else None, None,
-                -d[:, : ctx.k] if ctx.needs_input_grad[2] else None, g if ctx.needs_input_grad[3] else None)
+        return (torch.empty_like(d).scatter_(-1, idx, d) if ctx.needs_input_grad[0] else None, None, None,
+                -d[:, : ctx.k] if ctx.needs_input_grad[3] else None, g if ctx.needs_input_grad[4] else None)
 
 
 def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
@@ -182,7 +194,7 @@ def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
 def sorted_l1_to_split(p: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     """:func:`sorted_l1` of ``p`` [N, V] against a distribution given by :func:`split_sorted` (its
     k <= V largest entries, descending, and the sum of the rest)."""
-    return _SortedL1.apply(p, descending_order(p, top.shape[1]), top, rest)
+    return _SortedL1.apply(p, *descending_order(p, top.shape[1]), top, rest)
 
 
 def _rows(z: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -17,7 +17,8 @@ from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import TokenSpans, token_bytes
 from ctdbench.train import step_loss
 from methods.base import MethodContext, token_cross_entropy
-from methods.uld import byte_groups, sorted_l1, split_sorted
+from methods import uld
+from methods.uld import byte_groups, sorted_l1, split_sorted, teacher_split
 
 STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
@@ -74,6 +75,29 @@ def test_split_sorted_is_descending_topk_and_the_rest():
             top, rest = split_sorted(p.clone().requires_grad_(req), k)
             assert torch.equal(top.detach(), p.topk(k, -1).values)
             assert torch.allclose(rest.detach(), p.sort(-1).values[:, : 700 - k].sum(-1), atol=1e-7)
+
+
+@pytest.mark.parametrize("vs,vt", [(30, 70), (70, 30)])
+def test_row_blocks_on_threads(monkeypatch, vs, vt):
+    """Rows sorted block by block on a thread pool (large batches) give the definition's numbers."""
+    g = torch.Generator().manual_seed(vs)
+    ps, pt = rand_probs(g, 90, vs), rand_probs(g, 90, vt)
+    z, rows, k = torch.randn(90, vt, generator=g), torch.arange(5, 90), min(vs, vt)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(uld, "BLOCK", 100)  # a few rows per block
+    torch.set_num_threads(2)
+    try:
+        a, b = ps.clone().requires_grad_(True), ps.clone().requires_grad_(True)
+        got, want = sorted_l1(a, pt), definition(b, pt)
+        top, rest = teacher_split(z, rows, 0.7, k)
+    finally:
+        torch.set_num_threads(threads)
+    (got * torch.arange(90.0)).sum().backward()
+    (want * torch.arange(90.0)).sum().backward()
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(a.grad, b.grad, atol=1e-6)
+    p = (z[rows] / 0.7).softmax(-1)
+    assert torch.equal(top, p.topk(k, -1).values)
+    assert torch.allclose(rest, p.sort(-1).values[:, : vt - k].sum(-1), atol=1e-7)
 
 
 # ----------------------------------------------------------------- naive reference implementations
