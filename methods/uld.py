@@ -265,7 +265,7 @@ def log_chain_factors(z, ids, pre, b, c, n_groups: int, temperature: float) -> t
 
     Args:
         z: [B, L, V] logits; ids: [B, L]; pre: [B, L] group of each non-last token (-1 = none).
-        b, c: [N] example and group of every compared row; n_groups: C, the columns of ``pre``'s groups.
+        b, c: [N] example and group of every compared row; n_groups: C, the number of group columns.
     """
     B, L, V = z.shape
     eb, et = (pre[:, 1:] >= 0).nonzero(as_tuple=True)  # token et + 1 of example eb is a factor; row et predicts it
