@@ -67,12 +67,17 @@ def span_chunks(teacher: TokenSpans, student: TokenSpans, teacher_keep: np.ndarr
 
     Returns:
         [C, 4] int64 chunks ``(i0, i1, j0, j1)`` as :func:`chunks` gives them.
+
+    Raises:
+        ValueError: if the two sides' participating tokens end at different offsets.
     """
     sides = []
     for spans, keep in ((teacher, teacher_keep), (student, student_keep)):
         ends = np.asarray(spans.ends, dtype=np.int64)
         pos = np.flatnonzero(ends > np.asarray(spans.starts, dtype=np.int64) if keep is None else keep)
         sides += [pos, ends[pos]]
+    if sides[1][-1:].tolist() != sides[3][-1:].tolist():
+        raise ValueError("the two tokenizations end at different byte offsets; they cannot be aligned")
     return _tile(*sides)
 
 

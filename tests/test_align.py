@@ -103,6 +103,8 @@ def test_byte_fallback_tokens():
 def test_different_text_is_refused():
     with pytest.raises(ValueError, match="different bytes"):
         chunks([b"abc"], [b"abd"])
+    with pytest.raises(ValueError, match="different byte offsets"):
+        span_chunks(TokenSpans([1, 2], [0, 2], [2, 3]), TokenSpans([1], [0], [4]))
 
 
 def test_empty_and_special_only():

@@ -4,10 +4,12 @@ assistant turns only, for every method."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import methods
+from ctdbench.align import chunks, span_chunks
 from ctdbench.chat import LLAMA3_TEMPLATE, render_chat
 from ctdbench.corpus import read_jsonl
 from ctdbench.data import PairedDataset, Segment, Side, collate, segment_document, take_segments
@@ -71,6 +73,24 @@ def test_markers_are_byte_less_tokens_and_both_sides_share_the_content(chat_side
         assert len(target_eots) == 2 and not spans.loss[0]
         target_text = b"".join(ex.text[s:e] for s, e, t in zip(spans.starts, spans.ends, spans.loss) if t)
         assert target_text.strip() == b"Shakespeare wrote it, around 1600.He did too, in 1606."
+
+
+def test_span_chunks_equal_byte_chunks_on_chat_data(chat_sides):
+    """Chunks from spans (markers and dummy prefixes as empty spans) equal chunks of the spans'
+    bytes, in both conventions: specials out (ULD) and empty spans out (ALM, MinED)."""
+    segments = [chat_segment(), chat_segment(" leading space", ""), Segment(" x <|eot_id|> y"), Segment("<|eot_id|>"),
+                Segment("")]
+    for a in chat_sides.values():
+        for b in chat_sides.values():
+            for ex in PairedDataset(segments, a, b):
+                sides = ((ex.teacher, b.token_bytes), (ex.student, a.token_bytes))
+                special = [np.array([table[i] is None for i in sp.ids]) for sp, table in sides]
+                by_bytes = [[None if table[i] is None else ex.text[s:e] for i, s, e in zip(sp.ids, sp.starts, sp.ends)]
+                            for sp, table in sides]
+                assert span_chunks(ex.teacher, ex.student, ~special[0], ~special[1]).tolist() == \
+                    [list(c) for c in chunks(*by_bytes)]
+                nonempty = [[ex.text[s:e] if e > s else None for s, e in zip(sp.starts, sp.ends)] for sp, _ in sides]
+                assert span_chunks(ex.teacher, ex.student).tolist() == [list(c) for c in chunks(*nonempty)]
 
 
 def test_a_marker_known_to_one_side_only_is_refused(chat_sides, tokenizers):
