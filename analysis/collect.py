@@ -68,9 +68,8 @@ def collect(config_dir: Path) -> pd.DataFrame:
         if run is None:
             continue
         key = {"config": config_dir.name, "pair": pair, "method": method, "seed": seed}
-        teacher = (run.get("pair_spec") or {}).get("teacher")
-        if teacher:
-            teacher_of.setdefault(pair, str(teacher))
+        if teacher := _teacher_name(run):
+            teacher_of.setdefault(pair, teacher)
         rows += _cost_rows(run, key)
         evaluation = _read_json(folder / "eval.json", "not evaluated; cost rows only")
         if evaluation is not None:
@@ -80,6 +79,19 @@ def collect(config_dir: Path) -> pd.DataFrame:
         if evaluation is not None:
             rows += _eval_rows(evaluation, {"config": config_dir.name, "pair": pair, "method": TEACHER, "seed": 0})
     return pd.DataFrame(rows, columns=COLUMNS).astype({"seed": int, "value": float, "stderr": float})
+
+
+def pair_teachers(config_dir: Path) -> dict[str, str]:
+    """``pair -> teacher name`` from the finished runs' ``run.json`` (``pair_spec.teacher``)."""
+    teacher_of: dict[str, str] = {}
+    for pair, _, _, folder in run_dirs(config_dir):
+        if pair not in teacher_of:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResultsWarning)  # collect() already reported it
+                run = _read_json(folder / "run.json", "")
+            if run is not None and (teacher := _teacher_name(run)):
+                teacher_of[pair] = teacher
+    return teacher_of
 
 
 def write_summary(config_dir: Path, table: pd.DataFrame | None = None) -> Path:
@@ -128,25 +140,38 @@ def t_quantile_975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def mean_ci(values) -> tuple[float, float]:
-    """Mean and half-width of its 95% Student-t confidence interval (NaN for fewer than 2 values)."""
+def describe(values) -> tuple[int, float, float, float]:
+    """``(n, mean, sd, ci95)`` of the finite values; ci95 is the half-width of the 95% Student-t
+    interval of the mean. sd and ci95 are NaN below two values, everything below one."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return math.nan, math.nan
-    if len(v) == 1:
-        return float(v[0]), math.nan
-    return float(v.mean()), float(t_quantile_975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    n = len(v)
+    if n == 0:
+        return 0, math.nan, math.nan, math.nan
+    if n == 1:
+        return 1, float(v[0]), math.nan, math.nan
+    sd = float(v.std(ddof=1))
+    return n, float(v.mean()), sd, float(t_quantile_975(n - 1) * sd / math.sqrt(n))
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and half-width of its 95% Student-t confidence interval (NaN for fewer than 2 values)."""
+    _, mean, _, ci = describe(values)
+    return mean, ci
+
+
+STATS_COLUMNS = ["pair", "method", "task", "metric", "n", "mean", "sd", "ci95"]
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Seeds aggregated: one row per (pair, method, task, metric) with ``n, mean, ci95``."""
+    """Seeds aggregated: one row per (pair, method, task, metric) with ``n, mean, sd, ci95``
+    (``ci95``: half-width of the 95% Student-t interval of the mean; ``sd``: over seeds)."""
     rows = []
     for (pair, method, task, metric), group in table.groupby(["pair", "method", "task", "metric"], sort=False):
-        mean, ci = mean_ci(group["value"])
-        rows.append({"pair": pair, "method": method, "task": task, "metric": metric,
-                     "n": int(group["value"].notna().sum()), "mean": mean, "ci95": ci})
-    return pd.DataFrame(rows, columns=["pair", "method", "task", "metric", "n", "mean", "ci95"])
+        n, mean, sd, ci = describe(group["value"])
+        rows.append({"pair": pair, "method": method, "task": task, "metric": metric, "n": n, "mean": mean,
+                     "sd": sd, "ci95": ci})
+    return pd.DataFrame(rows, columns=STATS_COLUMNS)
 
 
 def method_order(methods, preferred: list[str] | None = None) -> list[str]:
@@ -189,6 +214,12 @@ def _read_json(path: Path, consequence: str) -> dict | None:
         warnings.warn(f"{path} is not a JSON object: {consequence}", ResultsWarning, stacklevel=3)
         return None
     return data
+
+
+def _teacher_name(run: dict) -> str | None:
+    spec = run.get("pair_spec")
+    teacher = spec.get("teacher") if isinstance(spec, dict) else None
+    return str(teacher) if teacher else None
 
 
 def _is_number(x) -> bool:

@@ -15,6 +15,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.collect import RUN_TASK, SFT, TEACHER, learning_curves, method_order, summarize
+from analysis.paired import (BETTER, HEADLINE, HIGHER_IS_BETTER, PAIRED_FIGURES, UNCLEAR, paired_differences,
+                             per_seed_differences)
 
 TASK_TITLES = {"ctd_heldout": "Held-out text", "ctd_cloze": "Line-completion cloze, 4 choices",
                "byte_agreement": "Byte-level agreement with the teacher"}
@@ -48,17 +50,21 @@ def method_colors(methods: list[str]) -> dict[str, tuple]:
     return {TEACHER: "black", SFT: SFT_COLOR, **colors}
 
 
-def make_figures(config_dir: Path, table: pd.DataFrame, preferred: list[str] | None = None) -> list[Path]:
+def make_figures(config_dir: Path, table: pd.DataFrame, preferred: list[str] | None = None,
+                 paired: pd.DataFrame | None = None) -> list[Path]:
     """Write every figure of one config into ``config_dir/figures``.
 
     Args:
         config_dir: ``results/<config>`` (its run folders give the learning curves).
         table: The :func:`analysis.collect.collect` table.
         preferred: Method order after teacher and sft (e.g. the config's); others alphabetical.
+        paired: The :func:`analysis.paired.paired_differences` table (computed if None).
 
     Returns:
-        The written PNG paths: ``<task>__<metric>.png`` per evaluation metric,
-        ``learning_curves.png`` and ``cost.png`` when their data exist.
+        The written PNG paths: ``headline.png`` (the paired held-out bits per byte) and
+        ``paired__<task>__<metric>.png`` for the other paired metrics, ``<task>__<metric>.png``
+        per evaluation metric, ``learning_curves.png``, ``cost.png`` and ``quality_cost.png`` when
+        their data exist.
     """
     out = Path(config_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +72,12 @@ def make_figures(config_dir: Path, table: pd.DataFrame, preferred: list[str] | N
     order = method_order(set(table["method"]) | set(curves["method"]), preferred)
     colors = method_colors(order)
     stats = summarize(table)
+    paired = paired_differences(table) if paired is None else paired
     paths = []
+    for task, metric in PAIRED_FIGURES:
+        if len(paired[(paired["task"] == task) & (paired["metric"] == metric)]):
+            name = "headline.png" if (task, metric) == HEADLINE else f"paired__{task}__{metric}.png"
+            paths.append(paired_figure(table, paired, task, metric, out / name, colors, order))
     evals = table[table["task"] != RUN_TASK][["task", "metric"]].drop_duplicates()
     for task, metric in sorted(evals.itertuples(index=False, name=None)):
         paths.append(metric_figure(table, stats, task, metric, out / f"{task}__{metric}.png", colors, order))
@@ -74,6 +85,8 @@ def make_figures(config_dir: Path, table: pd.DataFrame, preferred: list[str] | N
         paths.append(learning_curve_figure(curves, out / "learning_curves.png", colors, order))
     if _cost_metrics(table):
         paths.append(cost_figure(table, stats, out / "cost.png", colors, order))
+        if len(paired[(paired["task"] == HEADLINE[0]) & (paired["metric"] == HEADLINE[1])]):
+            paths.append(quality_cost_figure(table, paired, out / "quality_cost.png", colors, order))
     return paths
 
 
@@ -230,3 +243,97 @@ def _fmt(x: float) -> str:
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     return path
+
+
+def paired_figure(table: pd.DataFrame, paired: pd.DataFrame, task: str, metric: str, path: Path, colors: dict,
+                  order: list[str]) -> Path:
+    """The headline: per pair, each method's difference to SFT of the same seed, mean and 95% CI.
+
+    Filled markers are differences whose interval excludes 0 (distinguishable from SFT), hollow
+    ones are not; dots are the seeds' own differences.
+    """
+    diffs = per_seed_differences(table)
+    diffs = diffs[(diffs["task"] == task) & (diffs["metric"] == metric)]
+    st = paired[(paired["task"] == task) & (paired["metric"] == metric)]
+    pairs = sorted(st["pair"].unique())
+    methods = [m for m in order if m in set(st["method"])]
+    label, higher = METRIC_LABELS.get(metric, (metric, HIGHER_IS_BETTER.get(metric)))
+    fig = Figure(figsize=(3.9 * len(pairs) + 1.2, 0.42 * len(methods) + 1.9), layout="constrained")
+    axes = fig.subplots(1, len(pairs), squeeze=False, sharey=True)[0]
+    y = {m: i for i, m in enumerate(reversed(methods))}
+    for ax, pair in zip(axes, pairs):
+        here, seeds = st[st["pair"] == pair].set_index("method"), diffs[diffs["pair"] == pair]
+        xs = [0.0]
+        for m in methods:
+            if m not in here.index:
+                continue
+            r = here.loc[m]
+            ci = r["ci95"] if np.isfinite(r["ci95"]) else 0.0
+            filled = r["verdict"] != UNCLEAR
+            ax.errorbar(r["mean_diff"], y[m], xerr=ci, fmt="o", ms=7, capsize=3, lw=1.4, color=colors[m],
+                        mfc=colors[m] if filled else "white", mew=1.6, zorder=4)
+            values = seeds[seeds["method"] == m]["diff"].to_numpy()
+            ax.scatter(values, np.full(len(values), y[m] + 0.22), s=9, color=colors[m], alpha=0.7, zorder=3)
+            tag = "" if r["verdict"] == UNCLEAR else (" better" if r["verdict"] == BETTER else " worse")
+            ax.annotate(f"{r['mean_diff']:+.3f}{tag}", (r["mean_diff"] + ci, y[m]), textcoords="offset points",
+                        xytext=(4, -3), fontsize=7.5, color="black" if filled else "dimgray")
+            xs += [r["mean_diff"] - ci, r["mean_diff"] + ci, *values]
+        ax.axvline(0, color=SFT_COLOR, ls=":", lw=1.6, zorder=2)
+        lo, hi = min(xs), max(xs)
+        pad = 0.08 * (hi - lo or 1.0)
+        ax.set_xlim(lo - pad, hi + 3.5 * pad)  # room on the right for the value labels
+        ax.set_title(f"pair: {pair}", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_yticks(list(y.values()), list(y.keys()))
+        ax.set_ylim(-0.6, len(methods) - 0.4)
+    better = "" if higher is None else ("  (right of 0 is better)" if higher else "  (left of 0 is better)")
+    fig.supxlabel(f"{label}: method − SFT of the same seed{better}\n"
+                  "marker: mean · bar: 95% CI (Student t) · filled: CI excludes 0 · dots: seeds",
+                  fontsize=8.5, color="dimgray")
+    fig.suptitle(f"{TASK_TITLES.get(task, task)}: paired difference to SFT", fontsize=12)
+    return _save(fig, path)
+
+
+def quality_cost_figure(table: pd.DataFrame, paired: pd.DataFrame, path: Path, colors: dict, order: list[str],
+                        metric: tuple[str, str] = HEADLINE) -> Path:
+    """Per pair: each method's paired gain over SFT (95% CI) against its step time relative to SFT."""
+    task, name = metric
+    st = paired[(paired["task"] == task) & (paired["metric"] == name)]
+    run = table[(table["task"] == RUN_TASK) & (table["metric"] == "seconds_per_step")]
+    sft = run[run["method"] == SFT][["pair", "seed", "value"]].rename(columns={"value": "sft"})
+    cost = run.merge(sft, on=["pair", "seed"])
+    cost = cost.assign(ratio=cost["value"] / cost["sft"]).groupby(["pair", "method"])["ratio"].mean()
+    pairs = sorted(st["pair"].unique())
+    fig = Figure(figsize=(4.2 * len(pairs) + 0.4, 4.0), layout="constrained")
+    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
+    for ax, pair in zip(axes, pairs):
+        ax.axhline(0, color=SFT_COLOR, ls=":", lw=1.6, zorder=2)
+        xs, ys = [1.0], [0.0]
+        for r in st[st["pair"] == pair].itertuples():
+            if (pair, r.method) not in cost.index:
+                continue
+            x = cost[(pair, r.method)]
+            ci = r.ci95 if np.isfinite(r.ci95) else 0.0
+            ax.errorbar(x, r.gain, yerr=ci, fmt="o", ms=7, capsize=3, color=colors[r.method], zorder=4,
+                        mfc=colors[r.method] if r.verdict != UNCLEAR else "white", mew=1.6)
+            ax.annotate(r.method, (x, r.gain), textcoords="offset points", xytext=(5, 3), fontsize=7.5)
+            xs.append(x)
+            ys += [r.gain - ci, r.gain + ci]
+        ax.scatter([1.0], [0.0], marker="s", color=SFT_COLOR, zorder=4)
+        ax.annotate("sft", (1.0, 0.0), textcoords="offset points", xytext=(5, -10), fontsize=7.5, color=SFT_COLOR)
+        _pad_limits(ax, xs, ys)
+        ax.set_title(f"pair: {pair}", fontsize=10)
+        ax.set_xlabel("seconds per step / SFT's (same seed)")
+        ax.grid(alpha=0.3)
+    label = METRIC_LABELS.get(name, (name,))[0]
+    axes[0].set_ylabel(f"gain over SFT, {label}\n(higher is better)")
+    fig.suptitle("Quality against cost: paired gain (95% CI; filled: CI excludes 0) vs step time", fontsize=11)
+    return _save(fig, path)
+
+
+def _pad_limits(ax, xs, ys, frac: float = 0.1) -> None:
+    """Axis limits that contain every point, with a margin (labels stay inside)."""
+    for values, setter in ((xs, ax.set_xlim), (ys, ax.set_ylim)):
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+        pad = frac * (hi - lo) if hi > lo else 0.1 * (abs(hi) or 1.0)
+        setter(lo - pad, hi + 2 * pad)

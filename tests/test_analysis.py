@@ -195,8 +195,9 @@ def test_figures_are_written(plotted):
     paths = sorted((config_dir / "figures").glob("*.png"))
     names = {p.name for p in paths}
     assert {"ctd_heldout__bits_per_byte.png", "ctd_cloze__acc.png", "ctd_cloze__acc_bytes.png",
-            "learning_curves.png", "cost.png"} <= names
-    assert len(names) == N_EVAL_METRICS + 2
+            "learning_curves.png", "cost.png", "headline.png", "paired__ctd_cloze__acc_bytes.png",
+            "quality_cost.png"} <= names
+    assert len(names) == N_EVAL_METRICS + 5
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
         assert str(p) in out
