@@ -7,6 +7,7 @@ figure; the teacher and SFT are drawn as reference lines.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -36,6 +37,14 @@ METRIC_LABELS = {
     "peak_cuda_mb": ("peak GPU memory (MB)", False),
 }
 CHANCE = {"ctd_cloze": 0.25}
+# The range each metric can take: confidence intervals are clipped to it (a mean +- CI of a
+# fraction or a time must not leave [0, 1] or cross 0).
+BOUNDS = {"acc": (0, 1), "acc_norm": (0, 1), "acc_bytes": (0, 1), "top1": (0, 1), "top1_boundary": (0, 1),
+          "bits_per_byte": (0, None), "kl_per_byte": (0, None), "kl_boundary": (0, None),
+          "byte_perplexity": (1, None), "word_perplexity": (1, None),
+          "seconds_per_step": (0, None), "peak_rss_mb": (0, None), "peak_cuda_mb": (0, None)}
+LOG_SCALE = {"byte_perplexity", "word_perplexity"}  # spans orders of magnitude across tokenizers
+WRAP = 48  # characters per line of titles and axis labels (long ones were clipped)
 COST_METRICS = ("seconds_per_step", "peak_rss_mb", "peak_cuda_mb")
 SFT_COLOR = "#7f7f7f"
 DPI = 130
@@ -98,43 +107,52 @@ def metric_figure(table, stats, task, metric, path, colors, order) -> Path:
     label, higher = METRIC_LABELS.get(metric, (metric, None))
     fig, axes = _panels(len(pairs), max(1, len(set(rows["method"]) - {TEACHER})))
     chance = CHANCE.get(task) if metric.startswith("acc") else None
+    log = metric in LOG_SCALE
     for ax, pair in zip(axes, pairs):
-        _bar_panel(ax, rows[rows["pair"] == pair], st[st["pair"] == pair], colors, order, chance)
+        _bar_panel(ax, rows[rows["pair"] == pair], st[st["pair"] == pair], colors, order, chance,
+                   BOUNDS.get(metric, (None, None)), log=log)
         ax.set_title(f"pair: {pair}", fontsize=10)
-    zoomed = _set_ylim(axes, rows["value"], st, chance)
+    zoomed = _set_ylim(axes, rows["value"], st, chance, BOUNDS.get(metric, (None, None)), log=log)
     _reference_legend(fig, axes)
-    axes[0].set_ylabel(label + _better(higher))
-    fig.suptitle(f"{TASK_TITLES.get(task, task)} ({task}): {label}", fontsize=12)
-    note = "bars: mean over seeds · error bars: 95% CI (Student t) · dots: seeds"
-    fig.supxlabel(note + (" · y axis does not start at 0" if zoomed else ""), fontsize=8, color="dimgray")
+    axes[0].set_ylabel(_wrap(label) + _better(higher))
+    fig.suptitle(_wrap(f"{TASK_TITLES.get(task, task)} ({task}): {label}", 2 * WRAP), fontsize=12)
+    note = ("marks" if log else "bars") + ": mean over seeds · error bars: 95% CI (Student t) · dots: seeds"
+    if log:
+        note += " · log scale"
+    elif zoomed:
+        note += " · y axis does not start at 0"
+    fig.supxlabel(note, fontsize=8, color="dimgray")
     return _save(fig, path)
 
 
 def learning_curve_figure(curves: pd.DataFrame, path: Path, colors: dict, order: list[str]) -> Path:
-    """Validation bits per byte against training text seen; mean over seeds, band = seed range."""
+    """Validation bits per byte against training text seen; mean over seeds, band = seed range.
+
+    Each pair has its own y range (a byte student and a subword student differ by far more than
+    methods do). The untrained model (step 0) is not drawn, only named: it sits far above the rest.
+    """
     pairs = sorted(curves["pair"].unique())
-    fig, axes = _panels(len(pairs), 6)
+    fig, axes = _panels(len(pairs), 6, sharey=False)
     for ax, pair in zip(axes, pairs):
         sub = curves[curves["pair"] == pair]
-        for method in [m for m in order if m in set(sub["method"])]:
-            per_step = sub[sub["method"] == method].groupby("step").agg(
+        trained = sub[sub["bytes_seen"] > 0]
+        for method in [m for m in order if m in set(trained["method"])]:
+            per_step = trained[trained["method"] == method].groupby("step").agg(
                 mb=("bytes_seen", "mean"), mean=("val_bpb", "mean"), lo=("val_bpb", "min"), hi=("val_bpb", "max"))
             x = per_step["mb"] / 1e6
             ax.plot(x, per_step["mean"], marker="o", ms=3, lw=1.6, color=colors[method], label=method)
             ax.fill_between(x, per_step["lo"], per_step["hi"], color=colors[method], alpha=0.15, lw=0)
-        trained = sub[sub["bytes_seen"] > 0]["val_bpb"]
-        # The untrained model (step 0) sits far above everything else; clip it to keep the
-        # differences between methods visible.
-        if len(trained) and sub["val_bpb"].max() > trained.max():
-            lo, hi = trained.min(), trained.max()
+        if len(trained):
+            lo, hi = trained["val_bpb"].min(), trained["val_bpb"].max()
             ax.set_ylim(lo - 0.1 * (hi - lo or 1), hi + 0.25 * (hi - lo or 1))
-            ax.text(0.02, 0.02, f"untrained model off-scale ({sub['val_bpb'].max():.2f})", transform=ax.transAxes,
-                    va="bottom", fontsize=8, color="dimgray")
+        if len(trained) < len(sub):
+            ax.text(0.02, 0.02, f"untrained model: {sub[sub['bytes_seen'] == 0]['val_bpb'].max():.2f} (not drawn)",
+                    transform=ax.transAxes, va="bottom", fontsize=8, color="dimgray")
         ax.set_title(f"pair: {pair}", fontsize=10)
         ax.set_xlabel("training text seen (MB)")
+        ax.set_ylabel("validation bits per byte" + _better(False))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
-    axes[0].set_ylabel("validation bits per byte" + _better(False))
     fig.suptitle("Learning curves: mean over seeds (band: range over seeds)", fontsize=12)
     return _save(fig, path)
 
@@ -152,9 +170,9 @@ def cost_figure(table, stats, path, colors, order) -> Path:
         rows, st = run[run["metric"] == metric], stats[(stats["task"] == RUN_TASK) & (stats["metric"] == metric)]
         for c, pair in enumerate(pairs):
             ax = axes[r][c]
-            _bar_panel(ax, rows[rows["pair"] == pair], st[st["pair"] == pair], colors, order, None)
+            _bar_panel(ax, rows[rows["pair"] == pair], st[st["pair"] == pair], colors, order, None, BOUNDS[metric])
             ax.set_title(f"pair: {pair}", fontsize=10)
-        axes[r][0].set_ylabel(METRIC_LABELS[metric][0] + _better(False))
+        axes[r][0].set_ylabel(_wrap(METRIC_LABELS[metric][0]) + _better(False))
     _reference_legend(fig, axes.ravel())
     fig.suptitle("Cost per method: mean over seeds, 95% CI", fontsize=12)
     return _save(fig, path)
@@ -166,30 +184,37 @@ def _cost_metrics(table: pd.DataFrame) -> list[str]:
     return [m for m in COST_METRICS if (run[run["metric"] == m]["value"] > 0).any()]
 
 
-def _panels(n_panels: int, n_bars: int):
+def _panels(n_panels: int, n_bars: int, sharey: bool = True):
     fig = Figure(figsize=(max(3.6, 1.2 + 0.62 * n_bars) * n_panels, 4.4), layout="constrained")
-    return fig, fig.subplots(1, n_panels, squeeze=False, sharey=True)[0]
+    return fig, fig.subplots(1, n_panels, squeeze=False, sharey=sharey)[0]
 
 
-def _bar_panel(ax, rows: pd.DataFrame, st: pd.DataFrame, colors: dict, order: list[str], chance) -> None:
-    """Bars per method (not the teacher), error bars where n >= 2, seed dots, reference lines."""
+def _bar_panel(ax, rows: pd.DataFrame, st: pd.DataFrame, colors: dict, order: list[str], chance,
+               bounds: tuple = (None, None), log: bool = False) -> None:
+    """Bars per method (not the teacher), error bars where n >= 2 (clipped to ``bounds``), seed dots,
+    reference lines; ``log``: a log y axis with markers instead of bars (bars need a zero)."""
     methods = [m for m in order if m in set(st["method"]) and m != TEACHER]
     st = st.set_index("method")
     x = np.arange(len(methods))
     means = np.array([st.loc[m, "mean"] for m in methods])
     cis = np.array([st.loc[m, "ci95"] for m in methods])
-    ax.bar(x, means, width=0.7, color=[colors[m] for m in methods], alpha=0.85, zorder=2)
+    if log:
+        ax.set_yscale("log")
+        ax.scatter(x, means, s=60, marker="_", linewidths=3, color=[colors[m] for m in methods], zorder=4)
+    else:
+        ax.bar(x, means, width=0.7, color=[colors[m] for m in methods], alpha=0.85, zorder=2)
     has_ci = np.isfinite(cis)
     if has_ci.any():
-        ax.errorbar(x[has_ci], means[has_ci], yerr=cis[has_ci], fmt="none", ecolor="black", capsize=4, lw=1.2,
-                    zorder=4)
+        lo, hi = _clip(means - cis, bounds), _clip(means + cis, bounds)
+        ax.errorbar(x[has_ci], means[has_ci], yerr=np.stack([means - lo, hi - means])[:, has_ci], fmt="none",
+                    ecolor="black", capsize=4, lw=1.2, zorder=4)
     jitter = np.random.default_rng(0)  # fixed: the same figure every time
     for i, m in enumerate(methods):
         values = rows[rows["method"] == m]["value"].to_numpy()
         if len(values) > 1:
             ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=12, color="black", alpha=0.6,
                        zorder=5)
-        top = np.nanmax([means[i], means[i] + np.nan_to_num(cis[i]), *values])
+        top = np.nanmax([means[i], _clip(means[i] + np.nan_to_num(cis[i]), bounds), *values])
         # Flag bars resting on fewer seeds than their neighbours (unfinished or failed runs).
         fewer = f" (n={st.loc[m, 'n']})" if st.loc[m, "n"] < st.loc[methods, "n"].max() else ""
         ax.annotate(_fmt(means[i]) + fewer, (i, top), textcoords="offset points", xytext=(0, 3), ha="center",
@@ -217,19 +242,34 @@ def _reference_legend(fig: Figure, axes) -> None:
         fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize=8)
 
 
-def _set_ylim(axes, values: pd.Series, st: pd.DataFrame, chance) -> bool:
-    """Zoom on the range of the data (bars then do not start at 0); True if zoomed."""
-    lows = [values.min(), (st["mean"] - st["ci95"].fillna(0)).min()]
-    highs = [values.max(), (st["mean"] + st["ci95"].fillna(0)).max()]
+def _set_ylim(axes, values: pd.Series, st: pd.DataFrame, chance, bounds: tuple = (None, None),
+              log: bool = False) -> bool:
+    """Zoom on the range of the data, CIs clipped to ``bounds`` (bars then do not start at 0);
+    True if zoomed."""
+    ci = st["ci95"].fillna(0)
+    lows = [values.min(), _clip(st["mean"] - ci, bounds).min()]
+    highs = [values.max(), _clip(st["mean"] + ci, bounds).max()]
     if chance is not None:
         lows.append(chance)
         highs.append(chance)
     lo, hi = np.nanmin(lows), np.nanmax(highs)
+    if log:
+        axes[0].set_ylim(lo / 1.25, hi * 1.6)  # room above for the value labels
+        return False
     pad = 0.12 * (hi - lo) if hi > lo else 0.1 * abs(hi) or 1.0
     bottom = lo - pad
     zoomed = lo > 0 and bottom > 0.1 * hi
     axes[0].set_ylim(bottom if zoomed else min(0.0, bottom), hi + 1.5 * pad)
     return zoomed
+
+
+def _clip(values, bounds: tuple):
+    low, high = bounds
+    return np.clip(values, -np.inf if low is None else low, np.inf if high is None else high)
+
+
+def _wrap(text: str, width: int = WRAP) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def _better(higher: bool | None) -> str:

@@ -165,7 +165,7 @@ def verdict_text(paired: pd.DataFrame, transfers: pd.DataFrame, metric: tuple[st
                          f"{best.transfer:.2f} [{best.transfer_lo:.2f}, {best.transfer_hi:.2f}].")
         lines.append(" ".join(parts))
     unit = f"{task}/{name}, method - SFT of the same seed, mean ± 95% CI"
-    return f"Paired differences ({unit}):\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    return f"Paired differences ({unit}):\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
 
 
 def _mean(x) -> float:

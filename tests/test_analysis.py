@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -221,3 +222,60 @@ def test_plots_only_command_in_a_fresh_interpreter(results):
     proc = subprocess.run([sys.executable, "-c", script, str(results)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert (results / "summary.csv").exists() and "learning_curves.png" in proc.stdout
+
+
+def _plotted_points(ax):
+    """Every data point drawn on ``ax`` in data coordinates: lines, markers, error bars, bar tops
+    (reference lines such as ``axhline`` span the axes, not the data, and are left out)."""
+    points = [line.get_xydata() for line in ax.lines if line.get_transform() == ax.transData]
+    for coll in ax.collections:
+        if hasattr(coll, "get_segments"):  # error bars
+            points += [np.asarray(seg) for seg in coll.get_segments() if len(seg)]
+        elif coll.get_offset_transform() == ax.transData:  # scatter markers
+            points.append(np.asarray(coll.get_offsets()))
+    for patch in ax.patches:
+        x0, y0 = patch.get_xy()
+        points.append(np.array([[x0, y0 + patch.get_height()]]))
+    points = [p.reshape(-1, 2) for p in points if len(p)]
+    return np.concatenate(points) if points else np.zeros((0, 2))
+
+
+def test_axis_limits_contain_every_plotted_point(tmp_path, monkeypatch):
+    """Each panel of each figure has its own limits around all of its data (the learning curves of a
+    byte and a subword student differ more than methods do; a shared axis hid whole panels), and
+    CIs of bounded metrics stay in range."""
+    import analysis.figures as figures
+
+    config_dir = write_results(tmp_path)
+    # A byte student far from the others, as in the default config.
+    for folder in config_dir.glob("bpe_to_byte/*/seed*"):
+        rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+        for row in rows:
+            if "val_bpb" in row and row["step"]:
+                row["val_bpb"] += 3.0
+        (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Accuracy near 1 with seed spread: its CI would cross 1.
+    for seed, acc in zip(SEEDS, (0.99, 0.90, 1.0)):
+        path = config_dir / "bpe_to_sp" / "bld" / f"seed{seed}" / "eval.json"
+        data = json.loads(path.read_text())
+        data["tasks"]["ctd_cloze"]["acc"] = acc
+        path.write_text(json.dumps(data))
+    figs = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: figs.setdefault(path.name, fig) and path)
+    figures.make_figures(config_dir, collect(config_dir))
+    assert {"learning_curves.png", "headline.png", "ctd_cloze__acc.png", "quality_cost.png"} <= set(figs)
+    for name, fig in figs.items():
+        fig.canvas.draw()
+        for ax in fig.axes:
+            pts = _plotted_points(ax)
+            pts = pts[np.isfinite(pts).all(1)]
+            if not len(pts):
+                continue
+            (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+            assert (pts[:, 0] >= x0 - 1e-9).all() and (pts[:, 0] <= x1 + 1e-9).all(), (name, ax.get_title())
+            assert (pts[:, 1] >= y0 - 1e-9).all() and (pts[:, 1] <= y1 + 1e-9).all(), (name, ax.get_title())
+    acc = figs["ctd_cloze__acc.png"]
+    tops = [seg[:, 1].max() for ax in acc.axes for coll in ax.collections if hasattr(coll, "get_segments")
+            for seg in map(np.asarray, coll.get_segments())]
+    assert max(tops) <= 1.0  # the CI is clipped to the metric's range
+    assert figs["ctd_heldout__word_perplexity.png"].axes[0].get_yscale() == "log"
