@@ -3,15 +3,20 @@
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from ctdbench.tokbytes import TokenSpans
+import methods
+from ctdbench.align import chunk_index, chunks
+from ctdbench.data import PairedDataset, Side, segment_text
+from ctdbench.tokbytes import TokenSpans, token_bytes
 from methods.alm import alm_loss, chunk_ids, log1mexp, merge_by_space_prob
+from methods.base import MethodContext
 
 
 def naive_alm(tl, tids, tchunks, sl, sids, schunks, space_t, space_s, tau=100.0, thr=0.1, eps=1e-6):
-    """Per example, per chunk Python loops over the definitions (baselines.md §2.4-2.6)."""
+    """Per example, per chunk Python loops over the definitions (module docstring of ``methods.alm``)."""
     losses = []
     for b in range(tl.shape[0]):
         lt, ls = tl[b].log_softmax(-1), sl[b].log_softmax(-1)
@@ -129,9 +134,36 @@ def test_chunk_ids_from_spans():
         teacher=sp([0, 0, 5, 11], [0, 5, 11, 12], [9, 1, 2, 3]),            # BOS Hello| world|!
         student=sp([0, 0, 3, 5, 9], [0, 3, 5, 9, 12], [9, 1, 2, 3, 4]),     # BOS Hel|lo| wor|ld!
     )
-    ct, cs = chunk_ids([ex])
+    special = np.array([False] * 9 + [True])                                   # id 9 = BOS
+    ct, cs = chunk_ids([ex], special, special)
     assert ct.tolist() == [[-1, 0, 1, 1]]
     assert cs.tolist() == [[-1, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("sp_side", ["student", "teacher"])
+def test_chunks_are_tokenkits_on_real_sentencepiece_output(tokenizers, corpus_texts, sp_side):
+    """Our SentencePiece tokenizer emits a bare dummy-prefix token "▁" (an empty span of the text)
+    before a word it has no "▁word" piece for. As in tokenkit (and ``align.chunks`` on the tokens'
+    bytes, and ULD's byte groups) that token joins the first chunk."""
+    make = lambda kind: Side(tokenizers[kind], token_bytes(tokenizers[kind]))  # noqa: E731
+    sp, bpe = make("sentencepiece_bpe"), make("bytelevel_bpe")
+    student, teacher = (sp, bpe) if sp_side == "student" else (bpe, sp)
+    data = PairedDataset([s for t in corpus_texts for s in segment_text(t, 80)][:6], student, teacher)
+    examples = [data[i] for i in range(len(data))]
+    ctx = MethodContext(student=None, teacher=None, student_token_bytes=student.token_bytes,
+                        teacher_token_bytes=teacher.token_bytes, same_tokenizer=False)
+    batch = methods.build("alm", ctx).prepare(examples)
+    bare = 0
+    for b, ex in enumerate(examples):
+        want = chunks([teacher.token_bytes[i] for i in ex.teacher.ids], [student.token_bytes[i] for i in ex.student.ids])
+        for side, name in ((0, "teacher"), (1, "student")):
+            spans = getattr(ex, name)
+            got = batch[f"alm_chunk_{name}"][b, : len(spans.ids)]
+            assert got.tolist() == chunk_index(np.array(want).reshape(-1, 4), len(spans.ids), side).tolist()
+            if getattr(data, name) is sp and spans.ends[1] == spans.starts[1]:  # BOS, then a bare "▁"
+                assert sp.token_bytes[spans.ids[1]] == b" " and got[1] == 0
+                bare += 1
+    assert bare == len(examples)  # every segment starts with a capital letter, which has no "▁X" piece
 
 
 def test_logprob_cross_entropy_matches_token_cross_entropy():
