@@ -224,7 +224,8 @@ def naive_mined(z, ids, mask, t, tpos, vocab_map, kd_rate=0.5, T=2.0):
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("block", [1 << 18, 30])  # one row block, and blocks of two rows
-def test_loss_matches_naive_definition(seed, block, monkeypatch):
+@pytest.mark.parametrize("kw", [{}, {"kd_rate": 0.3, "temperature": 1.3}])
+def test_loss_matches_naive_definition(seed, block, kw, monkeypatch):
     monkeypatch.setattr("methods.kd.BLOCK", block)
     g = torch.Generator().manual_seed(seed)
     B, Ls, Lt, Vs, Vt = 3, 9, 7, 11, 13
@@ -235,8 +236,8 @@ def test_loss_matches_naive_definition(seed, block, monkeypatch):
     tpos = torch.randint(-1, Lt, (B, Ls), generator=g)
     vocab_map = torch.randint(-1, Vt, (Vs,), generator=g)
     z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
-    got = mined_loss(z1, ids, mask, t, tpos, vocab_map)
-    want = naive_mined(z2, ids, mask, t, tpos, vocab_map)
+    got = mined_loss(z1, ids, mask, t, tpos, vocab_map, **kw)
+    want = naive_mined(z2, ids, mask, t, tpos, vocab_map, kw.get("kd_rate", 0.5), kw.get("temperature", 2.0))
     for a, b in zip(got[:3], want):
         assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-6)
     got[0].backward()
@@ -265,6 +266,22 @@ def test_real_pairs(tokenizers, corpus_texts, student_kind, alignment, tmp_path)
     loss.backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("hp", [{}, {"kd_rate": 0.3, "temperature": 1.3}])
+def test_method_loss_is_the_naive_definition_on_a_real_pair(tokenizers, corpus_texts, hp):
+    """The registered method (defaults, or others) on real models, with a prompt-like loss mask."""
+    data, student, teacher, ctx = _pair(tokenizers, corpus_texts, "sentencepiece_bpe", n=3)
+    method = methods.build("mined", ctx, hp)
+    batch = collate([data[i] for i in range(len(data))], data, method)
+    batch["student_loss_mask"][:, 1:6] = 0
+    run = lambda m, p: m(input_ids=batch[f"{p}_input_ids"], attention_mask=batch[f"{p}_attention_mask"])  # noqa: E731
+    s_out, t_out = run(student, "student"), run(teacher, "teacher")
+    loss, logs = method.loss(batch, s_out, t_out)
+    with torch.no_grad():
+        want = naive_mined(s_out.logits, batch["student_input_ids"], batch["student_loss_mask"], t_out.logits,
+                           batch["mined_teacher_pos"], method.vocab_map, hp.get("kd_rate", 0.5), hp.get("temperature", 2.0))
+    assert [loss.item(), logs["ce"], logs["kd"]] == pytest.approx([w.item() for w in want], rel=1e-5)
 
 
 def test_same_tokenizer_identical_models_give_zero_kd(tokenizers, corpus_texts):
