@@ -44,19 +44,21 @@ symbols. Other byte-less ids (unlisted specials, padding) are dropped and renorm
 Masking: a row whose normaliser is 0 (no entry with positive probability extends the prefix) is
 all zeros, never NaN: ``out.sum(-1) > 0`` is the validity mask.
 
-Algorithm. Once per vocabulary (``VocabByteIndex.build``): the entries with
-bytes sorted lexicographically, so R(q) is a contiguous range [lo, hi) of that order; the byte
+Algorithm. Once per vocabulary (``VocabByteIndex.build``): the entries with bytes sorted
+lexicographically, so R(q) is a contiguous range [lo, hi) of that order; the byte
 trie of all their prefixes, nodes numbered breadth-first so that the children of a node are a
 contiguous run of node ids (CSR), each node with its range and its last byte; the ragged table
 path[v][o] = node of the first o bytes of entry v (o = 0..len(v)). Per call, for a chunk of
 teacher rows: P = exp(logprobs[rows][:, order]), C = cumsum(P) in float64 (masses are differences
 of values near 1.0, which float32 would cancel), and every needed range mass is one difference
-C[hi-1] - C[lo-1] (exact to ~1e-16 absolute: the conditional after a prefix of mass below
-~1e-10 in its row is exact to ~1e-16 / mass relative only). Byte row a needs the children of node(a) = path[u_k][o] from row k (plus, in
-a1, the children of the trie nodes reached by walking x[st_k' : a] from row k'). Cost per teacher
-row: one gather, one exp and one float64 cumsum over V (memory-bound, about 3 passes over the
-row), plus O(children) gathers per byte: up to 256 at o = 0, a handful deeper. a1 adds W walks per
-pretoken (W = tokens per pretoken) advanced one trie level per step, vectorised over all walks.
+C[hi-1] - C[lo-1], exact to ~1e-16 absolute (so the distribution after a prefix whose mass in its
+row is below ~1e-10 is exact to ~1e-16 / mass relative only). Byte row a needs the children of
+node(a) = path[u_k][o] from row k (plus, in a1, the children of the trie nodes reached by walking
+x[st_k' : a] from row k'). Cost per teacher row: one gather, one exp and one float64 cumsum over
+V (memory-bound, about 3 passes over the row), plus O(children) gathers per byte: up to 256 at
+o = 0, a handful deeper. a1 adds W walks per pretoken (W = tokens per pretoken) advanced one trie
+level per step, vectorised over all walks, and the per-row reference of its weights (one
+scatter-max over the entries).
 """
 
 from __future__ import annotations
@@ -450,9 +452,9 @@ def _relative_weights(log_w, n, e_a, e_k, entry, mass, at_root, root_k, root):
     whitespace-free run (CJK, code, URLs: below log w = -708 every weight is 0). Every weight of a
     row is divided by the same factor exp(ref(a)), which the row's normalisation cancels, with
     ref(a) the largest log w(k') among the row's terms that carry mass. That term gets weight 1,
-    so a row with any positive term has a positive sum; the others are at most 1, and a term
-    small enough to underflow now is negligible beside it (masses come from float32
-    probabilities, >= 1e-45, so a term that matters has a relative weight >= ~1e-45 too).
+    so a row with any positive term has a positive sum; the others are at most 1, and one whose
+    relative weight still underflows is negligible beside it (its mass would have to exceed the
+    reference term's by over 1e300; float32 probabilities are >= 1e-45).
 
     Args:
         log_w: [M] log w(k) of every row (-inf: weight 0).

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ctdbench.align import chunk_index, span_chunks, target_chunks

@@ -263,7 +263,7 @@ def random_cover(text: bytes, table, rng):
 
 
 def test_a_long_cjk_segment_on_a_large_vocabulary_matches_the_definition():
-    """4 kB of whitespace-free CJK is one pretoken of ~2,000 teacher tokens: a1's covers reach back
+    """4 kB of whitespace-free CJK is one pretoken of ~2,700 teacher tokens: a1's covers reach back
     to its start, and their absolute weights underflow after a few dozen tokens."""
     table, chars = cjk_vocab()
     rng = random.Random(1)

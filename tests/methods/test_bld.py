@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ctdbench.byteprob import next_byte_distributions
 from ctdbench.data import PairedDataset, Segment, Side, collate, segment_text

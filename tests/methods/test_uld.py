@@ -16,7 +16,7 @@ from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import TokenSpans, token_bytes
 from ctdbench.train import step_loss
-from methods.base import MethodContext, token_cross_entropy
+from methods.base import MethodContext
 from methods import uld
 from methods.uld import byte_groups, sorted_l1, split_sorted, teacher_split
 
