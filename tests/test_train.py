@@ -8,7 +8,7 @@ import torch
 from ctdbench.data import PairedDataset, segment_text
 from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
-from ctdbench.train import NonFiniteLossError, TrainConfig, lr_factor, train
+from ctdbench.train import NonFiniteLossError, TrainConfig, lr_factor, make_optimizer, train
 from methods import build
 from methods.base import DistillationMethod, MethodContext, token_cross_entropy
 
@@ -149,6 +149,47 @@ def test_grad_accumulation_sees_the_same_batch(setup, tmp_path):
     assert b1["stream_sha256"] == b2["stream_sha256"] and b1["student_tokens"] == b2["student_tokens"]
     # Same initial weights and segments: the step-1 loss is the same up to per-micro-batch averaging.
     assert first1["loss"] == pytest.approx(first2["loss"], abs=0.02)
+
+
+class _ExampleMeanCE(DistillationMethod):
+    """CE per example, averaged over the examples: the mean of k equal micro-batches' losses is the
+    whole batch's loss, so accumulating their gradients must give the whole batch's gradient."""
+
+    needs_teacher = False
+
+    def loss(self, batch, student_out, teacher_out):
+        ids, mask = batch["student_input_ids"], batch["student_loss_mask"]
+        loss = torch.stack([token_cross_entropy(student_out.logits[b:b + 1], ids[b:b + 1], mask[b:b + 1])
+                            for b in range(len(ids))]).mean()
+        return loss, {}
+
+
+def test_accumulated_micro_batches_step_like_the_whole_batch(setup, tmp_path, monkeypatch):
+    """One step over 4 segments as 1, 2 or 4 micro-batches gives the same parameters. Plain SGD
+    without clipping, so the step is linear in the gradient (AdamW's first step is ~lr * sign(g),
+    blind to a scale): keeping only the last micro-batch's gradient, skipping one, or not dividing
+    by grad_accum all move the parameters elsewhere."""
+    data, val, teacher, make = setup
+
+    def sgd(student, method, cfg):
+        groups = [{"params": g["params"], "lr": g["lr"], "base_lr": g["base_lr"]}
+                  for g in make_optimizer(student, method, cfg).param_groups]
+        return torch.optim.SGD(groups, lr=cfg.lr)
+
+    monkeypatch.setattr("ctdbench.train.make_optimizer", sgd)
+    after, norms = {}, {}
+    for accum in (1, 2, 4):
+        student, method = make(_ExampleMeanCE)
+        start = [p.detach().clone() for p in student.parameters()]
+        train(student, method, data, TrainConfig(steps=1, batch_size=4, grad_accum=accum, lr=1.0, grad_clip=1e9),
+              tmp_path / str(accum), seed=0, progress=False)
+        after[accum] = [p.detach() for p in student.parameters()]
+        norms[accum] = json.loads((tmp_path / str(accum) / "train_log.jsonl").read_text().splitlines()[0])["grad_norm"]
+    moved = sum(float((p - q).abs().sum()) for p, q in zip(after[1], start))
+    assert moved > 1.0  # the step is large, so any lost or rescaled gradient shows
+    for accum in (2, 4):
+        assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(after[accum], after[1])), accum
+        assert norms[accum] == pytest.approx(norms[1], rel=1e-5)
 
 
 def test_method_needing_teacher_without_one_fails(setup, tmp_path):

@@ -206,7 +206,7 @@ def _pair(tokenizers, corpus_texts, student_kind):
 def test_real_pair_shapes_gradients_and_checkpoint(tokenizers, corpus_texts, student_kind):
     data, student, teacher, method = _pair(tokenizers, corpus_texts, student_kind)
     assert method.needs_hidden_states and method.needs_teacher
-    assert (method.kd_rate, method.temperature, method.projector_lr) == (0.5, 2.0, 1e-3)
+    assert (method.kd_rate, method.temperature, method.teacher_temperature, method.projector_lr) == (0.5, 2.0, 1.0, 1e-3)
     shapes = {k: tuple(m.weight.shape) for k, m in method.projectors.items()}
     assert shapes == {"query": (96, 64), "t2s": (32, 48), "s2t": (48, 32)}
     batch = collate([data[i] for i in range(len(data))], data, method)
@@ -225,3 +225,40 @@ def test_real_pair_shapes_gradients_and_checkpoint(tokenizers, corpus_texts, stu
     assert {id(p) for p in opt.param_groups[-1]["params"]} == {id(p) for p in method.parameters()}
     assert not any("projector" in k for k in student.state_dict())
     assert set(method.state_dict()) == {f"projectors.{k}.{w}" for k in shapes for w in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("hp", [{}, {"kd_rate": 0.7, "temperature": 1.5, "teacher_temperature": 1.3}])
+def test_method_loss_is_the_official_port_on_a_real_pair(tokenizers, corpus_texts, hp):
+    """The registered method's loss, its hyperparameters plumbed, on real models with a prompt-like
+    loss mask on both sides: the std normalisations over the teacher's target positions only."""
+    data, student, teacher, method = _pair(tokenizers, corpus_texts, "sentencepiece_bpe")
+    method = methods.build("dskd", method.ctx, hp)
+    batch = collate([data[i] for i in range(len(data))], data, method)
+    for side in ("student", "teacher"):
+        batch[f"{side}_loss_mask"][:, 1:5] = 0
+    # t2s predicts the most frequent target everywhere (so the accuracy-masked t2s KL has terms), and
+    # the attention is peaked (the query of tiny initial embeddings would make it uniform, blind to
+    # the key's normalisation).
+    targets = batch["student_input_ids"][:, 1:][batch["student_loss_mask"][:, 1:].bool()]
+    c = int(targets.mode().values)
+    with torch.no_grad():
+        method.projectors["query"].weight.mul_(30.0)
+        method.projectors["t2s"].bias.zero_()[0] = 30.0
+        head = student.get_output_embeddings().weight
+        head[:, 0] = -1.0
+        head[c, 0] = 1.0
+    run = lambda model, p: model(input_ids=batch[f"{p}_input_ids"], attention_mask=batch[f"{p}_attention_mask"],  # noqa: E731
+                                 output_hidden_states=True)
+    s_out, t_out = run(student, "student"), run(teacher, "teacher")
+    loss, logs = method.loss(batch, s_out, t_out)
+    assert logs["t2s_kd"] > 0
+    a = {"student_logits": s_out.logits, "student_hidden": s_out.hidden_states[-1],
+         "student_embed": student.get_input_embeddings().weight.detach(),
+         "student_head": student.get_output_embeddings().weight, "teacher_logits": t_out.logits,
+         "teacher_hidden": t_out.hidden_states[-1], "teacher_embed": teacher.get_input_embeddings().weight.detach(),
+         "teacher_head": teacher.get_output_embeddings().weight, "student_ids": batch["student_input_ids"],
+         "teacher_ids": batch["teacher_input_ids"], "student_mask": batch["student_loss_mask"],
+         "teacher_mask": batch["teacher_loss_mask"]}
+    want, _ = naive_dskd(a, method.projectors, kd_rate=hp.get("kd_rate", 0.5), T=hp.get("temperature", 2.0),
+                         tea_T=hp.get("teacher_temperature", 1.0))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)

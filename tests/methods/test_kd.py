@@ -1,6 +1,8 @@
 """KD: refusal on mismatched pairs, the loss against a naive per-position implementation, zero KL
 for identical models (tensors and real tiny models), and the fused CE+KL autograd function."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -53,6 +55,22 @@ def test_kd_matches_naive_definition(seed, kd_rate, T):
     want[0].backward()
     assert torch.allclose(z1.grad, z2.grad.float(), atol=1e-6)
     assert torch.allclose(got[1], token_cross_entropy(z, ids, mask))
+
+
+@pytest.mark.parametrize("hp", [{}, {"kd_rate": 0.3, "temperature": 1.5}])
+def test_method_loss_is_the_naive_definition(hp):
+    """The registered method's loss (its defaults, or others) on a loss mask with a prompt-like gap."""
+    z, t, ids, attention = random_batch(7)
+    loss_mask = attention.clone()
+    loss_mask[0, 2:5] = 0
+    table = [bytes([i]) for i in range(13)]
+    ctx = MethodContext(student=None, teacher=None, student_token_bytes=table, teacher_token_bytes=table,
+                        same_tokenizer=True)
+    method = methods.build("kd", ctx, hp)
+    batch = {"student_input_ids": ids, "student_attention_mask": attention, "student_loss_mask": loss_mask}
+    loss, logs = method.loss(batch, SimpleNamespace(logits=z), SimpleNamespace(logits=t))
+    want = naive_kd(z, t, ids, loss_mask, kd_rate=hp.get("kd_rate", 0.5), T=hp.get("temperature", 2.0))
+    assert [loss.item(), logs["ce"], logs["kd"]] == pytest.approx([w.item() for w in want], rel=1e-5)
 
 
 def test_kd_is_zero_for_identical_logits_and_padding_is_ignored():

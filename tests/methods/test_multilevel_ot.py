@@ -23,9 +23,11 @@ STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 
 
-def official(s_logits, t_logits, s_mask, t_mask, ts=1.0, tt=1.0, k=50):
+def official(s_logits, t_logits, s_mask, t_mask, ts=1.0, tt=1.0, k=50, log_w=0.1, sk_w=0.1, sk_scale=0.001,
+             eps=0.1, iters=10, sk_t=2.0):
     """models/distillation_model.py::DistillationLoss (f=1), answers starting after BOS, both sides
-    padded to one sequence length (as the official loaders do), paper-era per-row sort, ``+=``."""
+    padded to one sequence length (as the official loaders do), paper-era per-row sort, ``+=``;
+    the constants as parameters (official values as defaults)."""
     normalize = lambda v: v / (v.std(dim=-1, keepdim=True) + 0.0001)
     improved_sort = lambda v: v[:, :, torch.argsort(v.sum(dim=(0, 1)), descending=True)]
     width = max(s_logits.shape[1], t_logits.shape[1])
@@ -45,17 +47,17 @@ def official(s_logits, t_logits, s_mask, t_mask, ts=1.0, tt=1.0, k=50):
     dist = torch.stack([(student[i][:n] - teacher[i][:n]).abs().sum(-1).mean(-1)
                         for i, n in enumerate(map(min, size_s, size_t))])
     kl_wo = -torch.sum(F.softmax(student, dim=-1) * F.log_softmax(teacher, dim=-1), dim=-1).mean()
-    dist = dist + kl_wo * 0.1
+    dist = dist + kl_wo * log_w
     emd = 0
     for i in range(student.shape[0]):
-        x, y = F.softmax(teacher[i] / 2, dim=-1), F.softmax(student[i] / 2, dim=-1)
+        x, y = F.softmax(teacher[i] / sk_t, dim=-1), F.softmax(student[i] / sk_t, dim=-1)
         w = torch.cdist(x, y, p=1)
-        P = torch.exp(-w / 0.1)
-        for _ in range(10):
+        P = torch.exp(-w / eps)
+        for _ in range(iters):
             P = P / torch.sum(P, dim=1, keepdim=True)
             P = P / torch.sum(P, dim=0, keepdim=True)
-        emd += 0.001 * torch.sum(P * w)
-    return dist.mean() + emd * 0.1
+        emd += sk_scale * torch.sum(P * w)
+    return dist.mean() + emd * sk_w
 
 
 def ragged_batch(seed, B=3, Ls=9, Lt=13, Vs=60, Vt=80, dtype=torch.float64):
@@ -81,6 +83,27 @@ def test_loss_and_gradient_match_official_code(seed, temps, shape):
     want.backward()
     assert torch.allclose(s1.grad, s2.grad, rtol=1e-7, atol=1e-12)
     assert s1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("hp", [{}, {"crossentropy_weight": 0.4, "distillation_weight": 0.9, "top_k": 7,
+                                     "student_temperature": 1.5, "teacher_temperature": 0.8, "log_weight": 0.3,
+                                     "sinkhorn_weight": 0.7, "sinkhorn_scale": 0.01, "sinkhorn_epsilon": 0.5,
+                                     "sinkhorn_iters": 3, "sinkhorn_temperature": 1.2}], ids=["defaults", "other"])
+def test_method_loss_is_ce_plus_the_official_kd(hp):
+    """The registered method's whole loss, every hyperparameter plumbed: its CE weight x CE over the
+    student's targets + its distillation weight x the official KD with its constants."""
+    s, t, s_mask, t_mask = ragged_batch(8)
+    ids = (torch.arange(s_mask.numel()).reshape(s_mask.shape) * 5) % s.shape[-1]
+    method = methods.build("multilevel_ot", SimpleNamespace(teacher_top_k=None), hp)
+    batch = {"student_input_ids": ids, "student_loss_mask": s_mask, "teacher_loss_mask": t_mask}
+    loss, _ = method.loss(batch, SimpleNamespace(logits=s), SimpleNamespace(logits=t))
+    names = ["student_temperature", "teacher_temperature", "top_k", "log_weight", "sinkhorn_weight", "sinkhorn_scale",
+             "sinkhorn_epsilon", "sinkhorn_iters", "sinkhorn_temperature"]
+    official_defaults = [1.0, 1.0, 50, 0.1, 0.1, 0.001, 0.1, 10, 2.0]
+    kd = official(s, t, s_mask, t_mask, *[hp.get(n, d) for n, d in zip(names, official_defaults)])
+    nll = [-s[b, j - 1].log_softmax(-1)[ids[b, j]] for b in range(len(s)) for j in range(1, s.shape[1]) if s_mask[b, j]]
+    want = hp.get("crossentropy_weight", 1.0) * torch.stack(nll).mean() + hp.get("distillation_weight", 1.5) * kd
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)  # the CE runs in fp32
 
 
 def log_sinkhorn(cost, a, b, epsilon, iters):

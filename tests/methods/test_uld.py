@@ -16,7 +16,7 @@ from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import TokenSpans, token_bytes
 from ctdbench.train import step_loss
-from methods.base import MethodContext, token_cross_entropy
+from methods.base import MethodContext
 from methods import uld
 from methods.uld import byte_groups, sorted_l1, split_sorted, teacher_split
 
@@ -103,10 +103,10 @@ def test_row_blocks_on_threads(monkeypatch, vs, vt):
 # ----------------------------------------------------------------- naive reference implementations
 
 
-def naive_uld(s_logits, t_logits, s_ids, s_mask, t_mask, ts=1.0, tt=1.0):
+def naive_uld(s_logits, t_logits, s_ids, s_mask, t_mask, ts=1.0, tt=1.0, cw=1.0, dw=1.5):
     """llm-recipes' DistillationLoss: answer slices from the last prompt token (here BOS), softmax,
     zero rows to the longest answer, full sort, vocabulary padding, per-example mean over the
-    shorter answer, mean over the batch; student CE + 1.5 x ULD."""
+    shorter answer, mean over the batch; cw x student CE (mean over its targets) + dw x ULD."""
     sizes_s, sizes_t = (s_mask.sum(1) - 1).tolist(), (t_mask.sum(1) - 1).tolist()
     L = max(max(sizes_s), max(sizes_t))
     rows_s = torch.zeros(len(sizes_s), L, s_logits.shape[-1], dtype=torch.float64)
@@ -118,8 +118,9 @@ def naive_uld(s_logits, t_logits, s_ids, s_mask, t_mask, ts=1.0, tt=1.0):
     rows_s = F.pad(rows_s.sort(-1, descending=True).values, (0, V - rows_s.shape[-1]))
     rows_t = F.pad(rows_t.sort(-1, descending=True).values, (0, V - rows_t.shape[-1]))
     per = [(rows_s[i, :n] - rows_t[i, :n]).abs().sum(-1).mean() for i, n in enumerate(map(min, sizes_s, sizes_t))]
-    ce = token_cross_entropy(s_logits, s_ids, s_mask)
-    return ce.item() + 1.5 * torch.stack(per).mean().item()
+    nll = [-s_logits[b, t - 1].double().log_softmax(-1)[s_ids[b, t]] for b in range(len(s_ids))
+           for t in range(1, s_ids.shape[1]) if s_mask[b, t]]
+    return cw * torch.stack(nll).mean().item() + dw * torch.stack(per).mean().item()
 
 
 def s_ids_of(mask):
@@ -145,10 +146,13 @@ def run_method(name, s, t, s_mask, t_mask, extra=None, **hp):
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("temps", [(1.0, 1.0), (2.0, 0.5)])
-def test_uld_matches_official_code(seed, temps):
+@pytest.mark.parametrize("weights", [{}, {"crossentropy_weight": 0.3, "distillation_weight": 0.8}])
+def test_uld_matches_official_code(seed, temps, weights):
     s, t, s_mask, t_mask = ragged_batch(seed)
-    loss, logs = run_method("uld", s, t, s_mask, t_mask, student_temperature=temps[0], teacher_temperature=temps[1])
-    assert loss.item() == pytest.approx(naive_uld(s, t, s_ids_of(s_mask), s_mask, t_mask, *temps), rel=1e-5)
+    loss, logs = run_method("uld", s, t, s_mask, t_mask, student_temperature=temps[0], teacher_temperature=temps[1],
+                            **weights)
+    want = naive_uld(s, t, s_ids_of(s_mask), s_mask, t_mask, *temps, *weights.values())
+    assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
 def naive_gold(s_logits, t_logits, s_ids, t_ids, groups, ts=1.0, tt=1.0):
@@ -204,8 +208,12 @@ def test_uld_aligned_matches_gold_bayesian(sides, corpus_texts):
     ctx = SimpleNamespace(teacher_token_bytes=teacher.token_bytes, student_token_bytes=student.token_bytes)
     method = methods.build("uld_aligned", ctx, {"student_temperature": 1.5, "teacher_temperature": 0.7})
     batch.update(method.prepare(ex))
-    _, logs = method.loss(batch, SimpleNamespace(logits=s), SimpleNamespace(logits=t))
+    loss, logs = method.loss(batch, SimpleNamespace(logits=s), SimpleNamespace(logits=t))
     assert logs["uld"] == pytest.approx(want, rel=1e-5)
+    ids = batch["student_input_ids"]
+    ce = torch.stack([-s[b, k - 1].double().log_softmax(-1)[ids[b, k]] for b, e in enumerate(ex)
+                      for k in range(1, len(e.student.ids))]).mean()
+    assert loss.item() == pytest.approx(1.0 * ce.item() + 1.5 * want, rel=1e-5)
 
 
 def test_byte_groups_from_spans():
