@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,37 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def _save_model(model, tokenizer, model_dir: Path) -> None:
+    """Save a model folder whole or not at all: written beside it, then renamed into place."""
+    from ctdbench.models import non_finite_parameters
+
+    if bad := non_finite_parameters(model):
+        raise FloatingPointError(f"not saving {model_dir}: non-finite weights in {', '.join(bad[:5])}")
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+
+
+def _clear_finished(out: Path, model_dir: Path) -> None:
+    """Remove what an earlier run finished in ``out`` (record, evaluation, model): the run starting
+    there replaces them, and until it succeeds nothing stale may look current."""
+    for name in ("run.json", "eval.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def _teacher_identity(teacher_dir: Path) -> str | None:
+    """What identifies a teacher's weights: its training run's digest, or the checkpoint it copied."""
+    try:
+        run = json.loads((Path(teacher_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return run.get("run_digest") or run.get("pretrained") if isinstance(run, dict) else None
 
 
 def provenance() -> dict:
@@ -106,11 +138,12 @@ def _side(tokenizer_dir: str):
 
 
 def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_name: str, hparams: dict,
-               model_spec: dict, model_dir: Path, teacher_cache: str | None = None) -> dict | None:
+               model_spec: dict, model_dir: Path, teacher_cache: str | None = None,
+               teacher_identity: str | None = None) -> dict | None:
     """Shared by teacher pretraining and distillation: build data, model, method; train; save.
 
     Under ``accelerate launch`` every rank runs this; only rank 0 saves and gets the summary
-    (the other ranks get None).
+    (the other ranks get None). The caller writes ``run.json``, then removes the checkpoint.
     """
     import torch
 
@@ -123,6 +156,8 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     from methods.base import MethodContext
 
     procs = processes(_device(spec["device"]))
+    if procs.is_main:
+        _clear_finished(Path(args.out), model_dir)
     torch.set_num_threads(args.threads)
     top_k = spec.get("teacher_cache_top_k")
     if top_k and not teacher_cache:  # the online teacher would silently train another run than the spec's
@@ -160,8 +195,10 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
                   else OnlineTeacher(teacher))
     cfg = TrainConfig(**spec["train"])
     summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
-                    val_data=val_data, progress=not args.quiet, processes=procs)
+                    val_data=val_data, progress=not args.quiet, processes=procs,
+                    spec={"job": spec, "teacher": teacher_identity})
     summary["teacher_source"] = None if source is None else ("cache" if source.cached else "online")
+    summary["data"] = train_data.fallback_counts()
     if procs.world_size > 1:
         # FSDP shards the student in place: rank 0 gathers the trained weights into a fresh copy.
         trained = procs.gathered_state_dict("student")
@@ -175,21 +212,22 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
         from ctdbench.lora import merge_lora
 
         student = merge_lora(student)
-    student.save_pretrained(model_dir)
-    student_side.tokenizer.save_pretrained(model_dir)
+    _save_model(student, student_side.tokenizer, model_dir)
     return summary
 
 
 def cmd_teacher(args) -> None:
+    from ctdbench.train import remove_checkpoint
+
     spec = json.loads(args.spec)
     side = _side(args.tokenizer)
     out = Path(args.out)
     if "hf" in spec["model"]:
         from ctdbench.models import load_model
 
+        _clear_finished(out, out / "model")
         model = load_model(spec["model"]["hf"], spec["model"].get("dtype"))
-        model.save_pretrained(out / "model")
-        side.tokenizer.save_pretrained(out / "model")
+        _save_model(model, side.tokenizer, out / "model")
         summary = {"pretrained": spec["model"]["hf"]}
     else:
         summary = _train_run(spec, args, student_side=side, teacher_side=None, teacher=None,
@@ -197,17 +235,20 @@ def cmd_teacher(args) -> None:
         if summary is None:  # not rank 0 of a multi-process run
             return
     _write_json(out / "run.json", {"teacher": spec["name"], **summary, "spec": spec, **provenance()})
+    remove_checkpoint(out)  # only now: a crash before this resumes from it
 
 
 def cmd_distill(args) -> None:
     from ctdbench.models import load_model
+    from ctdbench.train import remove_checkpoint
 
     spec = json.loads(args.spec)
     student_side, teacher_side = _side(args.student_tokenizer), _side(args.teacher_tokenizer)
     teacher = load_model(Path(args.teacher) / "model")
     summary = _train_run(spec, args, student_side=student_side, teacher_side=teacher_side, teacher=teacher,
                          method_name=spec["method"], hparams=spec["hparams"], model_spec=spec["student_model"],
-                         model_dir=Path(args.out) / "student", teacher_cache=args.teacher_cache)
+                         model_dir=Path(args.out) / "student", teacher_cache=args.teacher_cache,
+                         teacher_identity=_teacher_identity(args.teacher))
     if summary is None:  # not rank 0 of a multi-process run
         return
     run = {
@@ -215,6 +256,7 @@ def cmd_distill(args) -> None:
         "pair_spec": spec["pair_spec"], **summary, "spec": spec, **provenance(),
     }
     _write_json(Path(args.out) / "run.json", run)
+    remove_checkpoint(Path(args.out))  # only now: a crash before this resumes from it
 
 
 def cmd_teacher_cache(args) -> None:
@@ -363,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - one clear line for known user errors
         from ctdbench.config import ConfigError
 
-        if isinstance(e, (ConfigError, KeyError)) and not os.environ.get("CTDBENCH_TRACEBACK"):
+        if isinstance(e, (ConfigError, KeyError, FloatingPointError)) and not os.environ.get("CTDBENCH_TRACEBACK"):
             sys.exit(f"ctdbench {args.stage}: {e}")
         raise
 
