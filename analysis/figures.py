@@ -7,6 +7,7 @@ figure; the teacher and SFT are drawn as reference lines.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.collect import RUN_TASK, SFT, TEACHER, learning_curves, method_order, summarize
+from analysis.collect import RUN_TASK, SFT, TEACHER, learning_curves, method_order, summarize, write_whole
 
 TASK_TITLES = {"ctd_heldout": "Held-out text", "ctd_cloze": "Line-completion cloze, 4 choices",
                "byte_agreement": "Byte-level agreement with the teacher"}
@@ -69,7 +70,7 @@ def make_figures(config_dir: Path, table: pd.DataFrame, preferred: list[str] | N
     paths = []
     evals = table[table["task"] != RUN_TASK][["task", "metric"]].drop_duplicates()
     for task, metric in sorted(evals.itertuples(index=False, name=None)):
-        paths.append(metric_figure(table, stats, task, metric, out / f"{task}__{metric}.png", colors, order))
+        paths.append(metric_figure(table, stats, task, metric, out / file_name(f"{task}__{metric}.png"), colors, order))
     if len(curves):
         paths.append(learning_curve_figure(curves, out / "learning_curves.png", colors, order))
     if _cost_metrics(table):
@@ -227,6 +228,10 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) >= 100 else f"{x:.3f}"
 
 
+def file_name(name: str) -> str:
+    """``name`` as one harmless file name: task and metric names come from eval.json files."""
+    return re.sub(r"[^A-Za-z0-9_.+\-\[\]]", "_", name).lstrip(".")
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    return path
+    return write_whole(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix[1:]))

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ctdbench import allocator
+from ctdbench.files import write_atomic
 
 
 def _device(name: str):
@@ -27,24 +28,25 @@ def _device(name: str):
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _write_dir(target: Path, write) -> None:
+    """Write a folder whole or not at all: ``write(folder)`` fills one beside it, renamed into place."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def _save_model(model, tokenizer, model_dir: Path) -> None:
-    """Save a model folder whole or not at all: written beside it, then renamed into place."""
+    """Save a model with its tokenizer (:func:`_write_dir`), never one with a NaN or infinite weight."""
     from ctdbench.models import non_finite_parameters
 
     if bad := non_finite_parameters(model):
         raise FloatingPointError(f"not saving {model_dir}: non-finite weights in {', '.join(bad[:5])}")
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
+    _write_dir(model_dir, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
 
 
 def _clear_finished(out: Path, model_dir: Path) -> None:
@@ -117,7 +119,7 @@ def cmd_tokenizer(args) -> None:
     # Chat markers the pair's template writes (the teacher's): whole special tokens on both sides.
     # (A marker the trained vocabulary already holds as an ordinary token keeps its id, now special.)
     tok.add_tokens(spec.get("add_special_tokens", []), special_tokens=True)
-    tok.save_pretrained(args.out)
+    _write_dir(Path(args.out), tok.save_pretrained)
 
 
 def _segments(data_dir: Path, split: str, data_spec: dict, max_bytes_key: str) -> list:
@@ -285,26 +287,28 @@ def cmd_eval_data(args) -> None:
 def cmd_evaluate(args) -> None:
     import torch
 
-    from ctdbench.evaluate import evaluate_model
+    from ctdbench.evaluate import evaluate_model, write_eval
 
     torch.set_num_threads(args.threads)
     spec = json.loads(args.spec)
-    report = evaluate_model(args.model, args.data, args.out, tasks=tuple(spec["tasks"]), batch_size=spec["batch_size"],
+    report = evaluate_model(args.model, args.data, None, tasks=tuple(spec["tasks"]), batch_size=spec["batch_size"],
                             max_length=spec["max_length"], limit=spec.get("limit"), device=str(_device("auto")),
                             apply_chat_template=spec.get("apply_chat_template", False),
                             fewshot_as_multiturn=spec.get("fewshot_as_multiturn", False))
     if args.teacher and spec.get("agreement_passages"):
         from ctdbench.agreement import byte_agreement
         from ctdbench.corpus import read_jsonl
-        from ctdbench.models import load_model
+        from ctdbench.models import load_model, non_finite_parameters
 
+        teacher = load_model(args.teacher).eval()
+        if bad := non_finite_parameters(teacher):
+            raise FloatingPointError(f"teacher {args.teacher}: non-finite weights in {', '.join(bad[:5])}")
         texts = [d.text for d in read_jsonl(Path(args.data) / "heldout.jsonl")][: spec["agreement_passages"]]
-        result = byte_agreement(load_model(args.teacher).eval(), _side(args.teacher), load_model(args.model).eval(),
-                                _side(args.model), texts)
+        result = byte_agreement(teacher, _side(args.teacher), load_model(args.model).eval(), _side(args.model), texts)
         report["tasks"]["byte_agreement"] = {k: result[k] for k in ("kl_per_byte", "top1", "kl_boundary", "top1_boundary")}
         report["agreement"] = {"passages": len(texts), "n_bytes": result["n_bytes"],
                                "n_boundary_bytes": result["n_boundary_bytes"], "converter": "a0"}
-        _write_json(Path(args.out), report)
+    write_eval(report, Path(args.out))  # once, whole, and only with finite numbers
 
 
 def cmd_report(args) -> None:

@@ -14,11 +14,12 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import jsonschema
 import yaml
+
+from ctdbench.files import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflows" / "schema" / "config.schema.yaml"
@@ -234,10 +235,7 @@ def lm_eval_tasks() -> set[str] | None:
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     names = sorted(TaskManager().all_tasks)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_name(f"{index.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(names))
-    os.replace(tmp, index)
+    write_atomic(index, json.dumps(names))
     return set(names)
 
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ctdbench import parallel
 from ctdbench.data import PairedDataset, Schedule, chain_digest, collate
+from ctdbench.files import write_atomic
 from methods.base import token_cross_entropy
 
 
@@ -240,9 +241,7 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
     if not log_path.exists():
         return
     rows = [row for row in _read_log(log_path) if row["step"] <= last_step]
-    tmp = log_path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, log_path)
+    write_atomic(log_path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 # Per-step counts of the budget, added up over micro-batches and ranks.
