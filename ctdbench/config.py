@@ -10,6 +10,7 @@ hyperparameters checked against each method's constructor, and the cross-field r
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import json
 import logging
@@ -103,14 +104,22 @@ def read_yaml(path: str | Path) -> dict:
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
-        if found := _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader)):
+        if found := _duplicate_key(yaml.compose(text, Loader=_LOADER)):
             key, line = found
             raise ConfigError(f"config key '{_key(key)}': written twice ({path}, line {line}); keep one")
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_LOADER) or {}
     except OSError as e:
         raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader when built in: 10x faster
+
+
+@functools.cache
+def _schema() -> dict:
+    return yaml.load(SCHEMA.read_text(), Loader=_LOADER)
 
 
 def load(path: str | Path) -> dict:
@@ -124,10 +133,8 @@ def validate(config: dict, *, check_methods: bool = True) -> dict:
     Raises:
         ConfigError: naming the first offending key.
     """
-    with open(SCHEMA) as f:
-        schema = yaml.safe_load(f)
     _check_finite(config)
-    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    errors = sorted(_Validator(_schema()).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         raise ConfigError(_describe(errors[0]))
     _check_references(config)
