@@ -180,8 +180,20 @@ def _read_jsonl(path: Path, id_prefix: str, chat_template: str | None = None) ->
             row = json.loads(line)
             if not isinstance(row, dict) or (chat_template is None and not isinstance(row.get("text"), str)):
                 raise ValueError(f"{path}:{number}: expected a JSON object with a string field 'text'")
+            # A JSON escape can write half a UTF-16 surrogate pair, which no UTF-8 text can hold.
+            if "\\ud" in line.lower() and not _encodes(json.dumps(row, ensure_ascii=False)):
+                raise ValueError(f"{path}:{number}: the row holds an unpaired surrogate (a \\uD800-\\uDFFF "
+                                 "escape): it is not valid Unicode text")
             rows.append({"id": f"{id_prefix}:{number}", **row})
     return documents_from_rows(rows, chat_template)
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def write_jsonl(docs: list[Document], path: Path) -> None:
