@@ -63,7 +63,7 @@ def _teacher_identity(teacher_dir: Path) -> str | None:
         run = json.loads((Path(teacher_dir) / "run.json").read_text())
     except (OSError, ValueError):
         return None
-    return run.get("run_digest") or run.get("pretrained") if isinstance(run, dict) else None
+    return (run.get("run_digest") or run.get("pretrained")) if isinstance(run, dict) else None
 
 
 def provenance() -> dict:

@@ -78,43 +78,45 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key '{_key(path)}': {error.message}"
 
 
-def _duplicate_key(node, path=()) -> tuple[tuple, int] | None:
-    """The path and line of the first key written twice in a YAML node tree (YAML keeps the last)."""
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader when built in: 10x faster
+MAX_NODES = 100_000  # far above any config; YAML aliases can make a short file expand exponentially
+
+
+def _check_tree(node, where: str, path=(), count=None) -> None:
+    """Refuse a key written twice (YAML keeps the last silently) and a tree of more than
+    ``MAX_NODES`` nodes once aliases are expanded (every later step walks the expanded tree)."""
+    count = count if count is not None else [0]
+    count[0] += 1
+    if count[0] > MAX_NODES:
+        raise ConfigError(f"config file {where}: more than {MAX_NODES} values once its YAML aliases are expanded")
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key_node, value in node.value:
             key = getattr(key_node, "value", None)
             if key in seen:
-                return (*path, key), key_node.start_mark.line + 1
+                raise ConfigError(f"config key '{_key((*path, key))}': written twice ({where}, line "
+                                  f"{key_node.start_mark.line + 1}); keep one")
             seen.add(key)
-            if found := _duplicate_key(value, (*path, key)):
-                return found
+            _check_tree(value, where, (*path, key), count)
     elif isinstance(node, yaml.SequenceNode):
         for i, value in enumerate(node.value):
-            if found := _duplicate_key(value, (*path, i)):
-                return found
-    return None
+            _check_tree(value, where, (*path, i), count)
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A config file as a dict, by ``yaml.safe_load``, refusing keys written twice.
+    """A config file as a dict, by ``yaml.safe_load``'s loader, refusing keys written twice.
 
     Raises:
-        ConfigError: unreadable file, invalid YAML, or a duplicate key (named, with its line).
+        ConfigError: unreadable file, invalid YAML, a duplicate key (named, with its line).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
-        if found := _duplicate_key(yaml.compose(text, Loader=_LOADER)):
-            key, line = found
-            raise ConfigError(f"config key '{_key(key)}': written twice ({path}, line {line}); keep one")
+        _check_tree(yaml.compose(text, Loader=_LOADER), str(path))
         return yaml.load(text, Loader=_LOADER) or {}
     except OSError as e:
         raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(e).split())})") from None
-
-
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader when built in: 10x faster
 
 
 @functools.cache

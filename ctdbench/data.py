@@ -224,12 +224,15 @@ class PairedDataset(torch.utils.data.Dataset):
         """sha256 of every segment's shared text and both sides' tokens and targets: what a run
         trains on, whatever produced it (corpus, segmentation, tokenizers)."""
         h = hashlib.sha256()
+
+        def put(data: bytes) -> None:  # length-prefixed: no two sequences of parts hash alike
+            h.update(len(data).to_bytes(8, "little") + data)
+
         for ex in self.examples:
-            for part in (ex.text, ex.student, ex.teacher):
-                if isinstance(part, TokenSpans):
-                    part = np.asarray([part.ids, part.loss or part.ids], dtype=np.int64).tobytes()
-                part = part or b""
-                h.update(len(part).to_bytes(8, "little") + part)
+            put(ex.text)
+            for side in (ex.student, ex.teacher):
+                put(b"" if side is None else np.asarray(side.ids, dtype=np.int64).tobytes())
+                put(b"" if side is None or side.loss is None else np.asarray(side.loss, dtype=bool).tobytes())
         return h.hexdigest()
 
     def fallback_counts(self) -> dict:

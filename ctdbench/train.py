@@ -447,7 +447,8 @@ def _gradient_culprit(module, teacher, optimizer, batches: list[dict], step: int
     """Why a step's gradient norm is non-finite: the first of this step's micro-batches whose own
     gradient is (found by recomputing them one at a time; with several processes, whose shares are
     reduced together, the step's micro-batches are listed instead)."""
-    where = "; ".join(f"micro-batch {m}: segments {b['index'].tolist()}" for m, b in enumerate(batches))
+    number = lambda m: procs.rank + m * procs.world_size  # noqa: E731 - this rank's m-th micro-batch of the step
+    where = "; ".join(f"micro-batch {number(m)}: segments {b['index'].tolist()}" for m, b in enumerate(batches))
     if procs.world_size == 1:
         for m, batch in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)

@@ -219,6 +219,8 @@ def _limit_problem(limit, value) -> str | None:
         return limit(value)
     if isinstance(limit, tuple):
         return None if value in limit else f"{value!r} is not one of {', '.join(map(repr, limit))}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"{value!r} is not a number"
     opening, low, high, closing = _INTERVAL.fullmatch(limit).groups()
     low, high = float(low), float(high)
     inside = (value > low if opening == "(" else value >= low) and (value < high if closing == ")" else value <= high)

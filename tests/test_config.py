@@ -200,3 +200,27 @@ def test_check_config_names_unreadable_files_in_one_line(tmp_path):
     for path, expected in ((tmp_path / "broken.yaml", "not valid YAML"), (tmp_path / "missing.yaml", "cannot be read")):
         with pytest.raises(SystemExit, match=expected):
             cli.main(["check-config", str(path)])
+
+
+def test_yaml_aliases_cannot_blow_up_validation(tmp_path):
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{k}: &a{k} [*a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}]"
+              for k in range(1, 12)]  # 10 x 8^11 values
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ctd_config.ConfigError, match="more than 100000 values"):
+        ctd_config.read_yaml(tmp_path / "laughs.yaml")
+
+
+def test_every_method_declares_valid_limits_its_defaults_meet():
+    import inspect
+
+    import methods
+    from methods.base import _INTERVAL, check_hparams
+
+    for name in methods.available():
+        cls, defaults = methods.get(name)
+        params = set(list(inspect.signature(cls.__init__).parameters)[2:])
+        assert set(cls.hparam_limits) <= params, name
+        for limit in cls.hparam_limits.values():
+            assert callable(limit) or isinstance(limit, tuple) or _INTERVAL.fullmatch(limit), (name, limit)
+        check_hparams(cls, defaults, name=name)
