@@ -107,16 +107,21 @@ def read_yaml(path: str | Path) -> dict:
     """A config file as a dict, by ``yaml.safe_load``'s loader, refusing keys written twice.
 
     Raises:
-        ConfigError: unreadable file, invalid YAML, a duplicate key (named, with its line).
+        ConfigError: unreadable file, invalid YAML, a duplicate key (named, with its line), an
+            alias bomb, a YTE template.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
         _check_tree(yaml.compose(text, Loader=_LOADER), str(path))
-        return yaml.load(text, Loader=_LOADER) or {}
+        config = yaml.load(text, Loader=_LOADER) or {}
     except OSError as e:
         raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if isinstance(config, dict) and "__use_yte__" in config:
+        raise ConfigError("config key '__use_yte__': configs are plain YAML; Snakemake evaluates a file with this "
+                          "key as a YTE template, i.e. runs its expressions as code, before the workflow starts")
+    return config
 
 
 @functools.cache

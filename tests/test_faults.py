@@ -126,3 +126,12 @@ def test_an_interrupted_cache_build_is_never_trusted(workspace, tokenizers):
         CachedTeacher(cache, data, top_k=4)
     build_cache(teacher, data, cache, top_k=4, hidden_states=False)
     CachedTeacher(cache, data, top_k=4)
+
+
+def test_a_model_with_non_finite_weights_is_never_saved(tokenizers, tmp_path):
+    model = build_model(STUDENT, tokenizers["byte"], seed=0, max_positions=64)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="not saving .*non-finite weights"):
+        cli._save_model(model, tokenizers["byte"], tmp_path / "student")
+    assert not list(tmp_path.iterdir())

@@ -158,6 +158,12 @@ def test_a_changed_spec_starts_fresh_and_says_so(setup, tmp_path, capsys):
     train(student, method, data, TrainConfig(**CFG), tmp_path / "run2", seed=2, teacher=teacher, progress=False,
           spec={"hparams": {"kd_rate": 0.2}})
     assert json.loads((tmp_path / "run2" / "train_log.jsonl").read_text().splitlines()[0])["event"] == "fresh_start"
+    # ... and the data: the same segments with one text changed (another corpus, segmentation or tokenizer).
+    _interrupted(make, data, teacher, val, tmp_path / "run3", TrainConfig(**CFG))
+    changed = PairedDataset([e.text.decode() for e in data][:-1] + ["another text\n"], data.student, data.teacher)
+    student, method = make(_TeacherCE)
+    train(student, method, changed, TrainConfig(**CFG), tmp_path / "run3", seed=2, teacher=teacher, progress=False)
+    assert json.loads((tmp_path / "run3" / "train_log.jsonl").read_text().splitlines()[0])["event"] == "fresh_start"
 
 
 def test_a_crafted_checkpoint_runs_nothing(setup, tmp_path):
