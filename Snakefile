@@ -2,6 +2,8 @@
 #   snakemake --cores all                         default config (CPU, offline after install)
 #   snakemake --cores all --configfile workflows/config/smoke.yaml
 #   snakemake plots --cores 1                     figures + summary from existing results only
+import sys
+
 from ctdbench import config as ctd_config
 
 # A --configfile replaces the default instead of being merged into it (Snakemake would merge
@@ -9,7 +11,14 @@ from ctdbench import config as ctd_config
 if "name" not in config:
     configfile: f"{workflow.basedir}/workflows/config/default.yaml"
 
-ctd_config.validate(config)
+# One line naming the key, no traceback. The files are read again by ctdbench's own loader, which
+# refuses keys written twice (Snakemake's YAML loading keeps the last silently).
+try:
+    for path in workflow.configfiles:
+        ctd_config.read_yaml(path)
+    ctd_config.validate(config)
+except ctd_config.ConfigError as e:
+    sys.exit(f"invalid config: {e}")
 
 include: "workflows/rules/common.smk"
 include: "workflows/rules/data.smk"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analysis.collect import collect, headline, learning_curves, pair_teachers, summarize, write_summary
+from analysis.collect import (collect, headline, learning_curves, pair_teachers, summarize, write_summary,
+                              write_whole)
 from analysis.figures import make_figures
 from analysis.paired import paired_differences, transfer, verdict_text
 
@@ -32,10 +33,10 @@ def write_tables(config_dir: Path, table) -> dict[str, Path]:
     paired = paired_differences(table)
     transfers = transfer(table, pair_teachers(config_dir))
     paths = {name: config_dir / name for name in (STATS_CSV, PAIRED_CSV, TRANSFER_CSV, VERDICT_MD)}
-    summarize(table).to_csv(paths[STATS_CSV], index=False)
-    paired.to_csv(paths[PAIRED_CSV], index=False)
-    transfers.to_csv(paths[TRANSFER_CSV], index=False)
-    paths[VERDICT_MD].write_text(verdict_text(paired, transfers), encoding="utf-8")
+    for name, frame in ((STATS_CSV, summarize(table)), (PAIRED_CSV, paired), (TRANSFER_CSV, transfers)):
+        write_whole(paths[name], lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    text = verdict_text(paired, transfers)
+    write_whole(paths[VERDICT_MD], lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return paths
 
 

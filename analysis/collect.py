@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -68,7 +69,11 @@ def collect(config_dir: Path) -> pd.DataFrame:
         if run is None:
             continue
         key = {"config": config_dir.name, "pair": pair, "method": method, "seed": seed}
-        if teacher := _teacher_name(run):
+        teacher = _teacher_name(run)
+        if teacher and (teacher != Path(teacher).name or teacher in (".", "..")):
+            warnings.warn(f"{folder / 'run.json'} names teacher {teacher!r}, not a folder name: its rows skipped",
+                          ResultsWarning, stacklevel=2)
+        elif teacher:
             teacher_of.setdefault(pair, teacher)
         rows += _cost_rows(run, key)
         evaluation = _read_json(folder / "eval.json", "not evaluated; cost rows only")
@@ -103,7 +108,14 @@ def write_summary(config_dir: Path, table: pd.DataFrame | None = None) -> Path:
     """
     table = collect(config_dir) if table is None else table
     path = Path(config_dir) / "summary.csv"
-    table.to_csv(path, index=False)
+    return write_whole(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def write_whole(path: Path, write) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, then renamed: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
     return path
 
 

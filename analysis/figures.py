@@ -7,6 +7,7 @@ figure; the teacher and SFT are drawn as reference lines.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.collect import RUN_TASK, SFT, TEACHER, learning_curves, method_order, summarize
+from analysis.collect import RUN_TASK, SFT, TEACHER, learning_curves, method_order, summarize, write_whole
 from analysis.paired import (BETTER, HEADLINE, HIGHER_IS_BETTER, PAIRED_FIGURES, UNCLEAR, paired_differences,
                              per_seed_differences)
 
@@ -85,11 +86,11 @@ def make_figures(config_dir: Path, table: pd.DataFrame, preferred: list[str] | N
     paths = []
     for task, metric in PAIRED_FIGURES:
         if len(paired[(paired["task"] == task) & (paired["metric"] == metric)]):
-            name = "headline.png" if (task, metric) == HEADLINE else f"paired__{task}__{metric}.png"
+            name = "headline.png" if (task, metric) == HEADLINE else file_name(f"paired__{task}__{metric}.png")
             paths.append(paired_figure(table, paired, task, metric, out / name, colors, order))
     evals = table[table["task"] != RUN_TASK][["task", "metric"]].drop_duplicates()
     for task, metric in sorted(evals.itertuples(index=False, name=None)):
-        paths.append(metric_figure(table, stats, task, metric, out / f"{task}__{metric}.png", colors, order))
+        paths.append(metric_figure(table, stats, task, metric, out / file_name(f"{task}__{metric}.png"), colors, order))
     if len(curves):
         paths.append(learning_curve_figure(curves, out / "learning_curves.png", colors, order))
     if _cost_metrics(table):
@@ -280,9 +281,13 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) >= 100 else f"{x:.3f}"
 
 
+def file_name(name: str) -> str:
+    """``name`` as one harmless file name: task and metric names come from eval.json files."""
+    return re.sub(r"[^A-Za-z0-9_.+\-\[\]]", "_", name).lstrip(".")
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    return path
+    return write_whole(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix[1:]))
 
 
 def paired_figure(table: pd.DataFrame, paired: pd.DataFrame, task: str, metric: str, path: Path, colors: dict,

@@ -58,6 +58,8 @@ def byte_agreement(teacher, teacher_side: Side, student, student_side: Side, tex
     for text in texts:
         qt, t_starts = byte_distributions(teacher, teacher_side, t_index, text)
         qs, s_starts = byte_distributions(student, student_side, s_index, text)
+        if not (torch.isfinite(qt).all() and torch.isfinite(qs).all()):  # NaN rows would drop out as invalid
+            raise FloatingPointError(f"non-finite next-byte distributions on held-out text {text[:40]!r}")
         valid = (qt.sum(-1) > 0) & (qs.sum(-1) > 0)
         qt, qs, shared = qt[valid].double(), qs[valid].double(), (t_starts & s_starts)[valid]
         kl = (torch.xlogy(qt, qt) - qt * qs.clamp_min(FLOOR).log()).sum(-1)
@@ -65,7 +67,9 @@ def byte_agreement(teacher, teacher_side: Side, student, student_side: Side, tex
         sums["kl"] += kl.sum().item(); sums["agree"] += int(agree.sum()); sums["n"] += len(kl)
         sums["kl_b"] += kl[shared].sum().item(); sums["agree_b"] += int(agree[shared].sum())
         sums["n_b"] += int(shared.sum())
-    n, n_b = max(sums["n"], 1), max(sums["n_b"], 1)
+    if not sums["n"]:
+        raise ValueError("byte agreement compared no byte (no text, or no byte both models predict)")
+    n, n_b = sums["n"], max(sums["n_b"], 1)
     return {"kl_per_byte": sums["kl"] / n / math.log(2), "top1": sums["agree"] / n, "n_bytes": sums["n"],
             "kl_boundary": sums["kl_b"] / n_b / math.log(2), "top1_boundary": sums["agree_b"] / n_b,
             "n_boundary_bytes": sums["n_b"]}

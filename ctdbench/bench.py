@@ -19,6 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from ctdbench.files import write_atomic
+
 FLOOR = "floor (teacher fwd + sft)"
 
 
@@ -146,5 +148,5 @@ def main(args) -> None:
             print(f"{name:<28}{r['seconds']:>10.3f}{r.get('ratio', float('nan')):>8.2f}{r['peak_rss_mb']:>10.0f}")
     out = Path("results") / config["name"] / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"pair": pair, "threads": threads, "results": results}, indent=2) + "\n")
+    write_atomic(out, json.dumps({"pair": pair, "threads": threads, "results": results}, indent=2) + "\n")
     print(f"written {out}")

@@ -10,11 +10,13 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from ctdbench import allocator
+from ctdbench.files import write_atomic
 
 
 def _device(name: str):
@@ -26,10 +28,42 @@ def _device(name: str):
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _write_dir(target: Path, write) -> None:
+    """Write a folder whole or not at all: ``write(folder)`` fills one beside it, renamed into place."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _save_model(model, tokenizer, model_dir: Path) -> None:
+    """Save a model with its tokenizer (:func:`_write_dir`), never one with a NaN or infinite weight."""
+    from ctdbench.models import non_finite_parameters
+
+    if bad := non_finite_parameters(model):
+        raise FloatingPointError(f"not saving {model_dir}: non-finite weights in {', '.join(bad[:5])}")
+    _write_dir(model_dir, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+
+
+def _clear_finished(out: Path, model_dir: Path) -> None:
+    """Remove what an earlier run finished in ``out`` (record, evaluation, model): the run starting
+    there replaces them, and until it succeeds nothing stale may look current."""
+    for name in ("run.json", "eval.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def _teacher_identity(teacher_dir: Path) -> str | None:
+    """What identifies a teacher's weights: its training run's digest, or the checkpoint it copied."""
+    try:
+        run = json.loads((Path(teacher_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (run.get("run_digest") or run.get("pretrained")) if isinstance(run, dict) else None
 
 
 def provenance() -> dict:
@@ -85,7 +119,7 @@ def cmd_tokenizer(args) -> None:
     # Chat markers the pair's template writes (the teacher's): whole special tokens on both sides.
     # (A marker the trained vocabulary already holds as an ordinary token keeps its id, now special.)
     tok.add_tokens(spec.get("add_special_tokens", []), special_tokens=True)
-    tok.save_pretrained(args.out)
+    _write_dir(Path(args.out), tok.save_pretrained)
 
 
 def _segments(data_dir: Path, split: str, data_spec: dict, max_bytes_key: str) -> list:
@@ -106,11 +140,12 @@ def _side(tokenizer_dir: str):
 
 
 def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_name: str, hparams: dict,
-               model_spec: dict, model_dir: Path, teacher_cache: str | None = None) -> dict | None:
+               model_spec: dict, model_dir: Path, teacher_cache: str | None = None,
+               teacher_identity: str | None = None) -> dict | None:
     """Shared by teacher pretraining and distillation: build data, model, method; train; save.
 
     Under ``accelerate launch`` every rank runs this; only rank 0 saves and gets the summary
-    (the other ranks get None).
+    (the other ranks get None). The caller writes ``run.json``, then removes the checkpoint.
     """
     import torch
 
@@ -123,6 +158,8 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     from methods.base import MethodContext
 
     procs = processes(_device(spec["device"]))
+    if procs.is_main:
+        _clear_finished(Path(args.out), model_dir)
     torch.set_num_threads(args.threads)
     top_k = spec.get("teacher_cache_top_k")
     if top_k and not teacher_cache:  # the online teacher would silently train another run than the spec's
@@ -160,8 +197,10 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
                   else OnlineTeacher(teacher))
     cfg = TrainConfig(**spec["train"])
     summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
-                    val_data=val_data, progress=not args.quiet, processes=procs)
+                    val_data=val_data, progress=not args.quiet, processes=procs,
+                    spec={"job": spec, "teacher": teacher_identity})
     summary["teacher_source"] = None if source is None else ("cache" if source.cached else "online")
+    summary["data"] = train_data.fallback_counts()
     if procs.world_size > 1:
         # FSDP shards the student in place: rank 0 gathers the trained weights into a fresh copy.
         trained = procs.gathered_state_dict("student")
@@ -175,21 +214,22 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
         from ctdbench.lora import merge_lora
 
         student = merge_lora(student)
-    student.save_pretrained(model_dir)
-    student_side.tokenizer.save_pretrained(model_dir)
+    _save_model(student, student_side.tokenizer, model_dir)
     return summary
 
 
 def cmd_teacher(args) -> None:
+    from ctdbench.train import remove_checkpoint
+
     spec = json.loads(args.spec)
     side = _side(args.tokenizer)
     out = Path(args.out)
     if "hf" in spec["model"]:
         from ctdbench.models import load_model
 
+        _clear_finished(out, out / "model")
         model = load_model(spec["model"]["hf"], spec["model"].get("dtype"))
-        model.save_pretrained(out / "model")
-        side.tokenizer.save_pretrained(out / "model")
+        _save_model(model, side.tokenizer, out / "model")
         summary = {"pretrained": spec["model"]["hf"]}
     else:
         summary = _train_run(spec, args, student_side=side, teacher_side=None, teacher=None,
@@ -197,17 +237,20 @@ def cmd_teacher(args) -> None:
         if summary is None:  # not rank 0 of a multi-process run
             return
     _write_json(out / "run.json", {"teacher": spec["name"], **summary, "spec": spec, **provenance()})
+    remove_checkpoint(out)  # only now: a crash before this resumes from it
 
 
 def cmd_distill(args) -> None:
     from ctdbench.models import load_model
+    from ctdbench.train import remove_checkpoint
 
     spec = json.loads(args.spec)
     student_side, teacher_side = _side(args.student_tokenizer), _side(args.teacher_tokenizer)
     teacher = load_model(Path(args.teacher) / "model")
     summary = _train_run(spec, args, student_side=student_side, teacher_side=teacher_side, teacher=teacher,
                          method_name=spec["method"], hparams=spec["hparams"], model_spec=spec["student_model"],
-                         model_dir=Path(args.out) / "student", teacher_cache=args.teacher_cache)
+                         model_dir=Path(args.out) / "student", teacher_cache=args.teacher_cache,
+                         teacher_identity=_teacher_identity(args.teacher))
     if summary is None:  # not rank 0 of a multi-process run
         return
     run = {
@@ -215,6 +258,7 @@ def cmd_distill(args) -> None:
         "pair_spec": spec["pair_spec"], **summary, "spec": spec, **provenance(),
     }
     _write_json(Path(args.out) / "run.json", run)
+    remove_checkpoint(Path(args.out))  # only now: a crash before this resumes from it
 
 
 def cmd_teacher_cache(args) -> None:
@@ -243,26 +287,28 @@ def cmd_eval_data(args) -> None:
 def cmd_evaluate(args) -> None:
     import torch
 
-    from ctdbench.evaluate import evaluate_model
+    from ctdbench.evaluate import evaluate_model, write_eval
 
     torch.set_num_threads(args.threads)
     spec = json.loads(args.spec)
-    report = evaluate_model(args.model, args.data, args.out, tasks=tuple(spec["tasks"]), batch_size=spec["batch_size"],
+    report = evaluate_model(args.model, args.data, None, tasks=tuple(spec["tasks"]), batch_size=spec["batch_size"],
                             max_length=spec["max_length"], limit=spec.get("limit"), device=str(_device("auto")),
                             apply_chat_template=spec.get("apply_chat_template", False),
                             fewshot_as_multiturn=spec.get("fewshot_as_multiturn", False))
     if args.teacher and spec.get("agreement_passages"):
         from ctdbench.agreement import byte_agreement
         from ctdbench.corpus import read_jsonl
-        from ctdbench.models import load_model
+        from ctdbench.models import load_model, non_finite_parameters
 
+        teacher = load_model(args.teacher).eval()
+        if bad := non_finite_parameters(teacher):
+            raise FloatingPointError(f"teacher {args.teacher}: non-finite weights in {', '.join(bad[:5])}")
         texts = [d.text for d in read_jsonl(Path(args.data) / "heldout.jsonl")][: spec["agreement_passages"]]
-        result = byte_agreement(load_model(args.teacher).eval(), _side(args.teacher), load_model(args.model).eval(),
-                                _side(args.model), texts)
+        result = byte_agreement(teacher, _side(args.teacher), load_model(args.model).eval(), _side(args.model), texts)
         report["tasks"]["byte_agreement"] = {k: result[k] for k in ("kl_per_byte", "top1", "kl_boundary", "top1_boundary")}
         report["agreement"] = {"passages": len(texts), "n_bytes": result["n_bytes"],
                                "n_boundary_bytes": result["n_boundary_bytes"], "converter": "a0"}
-        _write_json(Path(args.out), report)
+    write_eval(report, Path(args.out))  # once, whole, and only with finite numbers
 
 
 def cmd_report(args) -> None:
@@ -363,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - one clear line for known user errors
         from ctdbench.config import ConfigError
 
-        if isinstance(e, (ConfigError, KeyError)) and not os.environ.get("CTDBENCH_TRACEBACK"):
+        if isinstance(e, (ConfigError, KeyError, FloatingPointError)) and not os.environ.get("CTDBENCH_TRACEBACK"):
             sys.exit(f"ctdbench {args.stage}: {e}")
         raise
 

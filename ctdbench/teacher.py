@@ -15,12 +15,17 @@ in the page cache. Two layouts:
   last hidden state only when a method of the config reads it. About rows x (6k + 2) bytes, which
   scales to 128k-256k vocabularies. The batch's dense logits are rebuilt from it: the stored
   log-probabilities, -inf elsewhere, so every softmax renormalises over the stored ids.
+
+``meta.json`` is removed first and written last, listing every file with its size: a build that
+was interrupted (or is still running) has no ``meta.json``, or one whose files do not match, and
+``CachedTeacher`` refuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ctdbench.data import PairedDataset, collate
+from ctdbench.files import write_atomic
 
 
 class OnlineTeacher:
@@ -80,13 +86,19 @@ def build_cache(model: torch.nn.Module, data: PairedDataset, out_dir: Path, *, b
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # from here until the end, the folder is not a cache
+    for stale in out_dir.iterdir():  # an earlier build's arrays (meta.json lists exactly this build's)
+        if stale.suffix in (".pt", ".npy", ".tmp"):
+            stale.unlink()
     model = model.eval()
     meta = {"segments": len(data), "token_digest": _token_digest(data), "dtype": "float16", "top_k": top_k}
     if top_k is None:
         meta.update(_write_full(model, data, out_dir, batch_size), hidden_states=True)
     else:
         meta.update(_write_top_k(model, data, out_dir, batch_size, top_k, hidden_states), hidden_states=hidden_states)
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta["files"] = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.suffix in (".pt", ".npy")}
+    meta["teacher_byte_fallback"] = data.fallback_counts()["byte_fallback"]["student"]
+    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: the cache is complete
     return meta
 
 
@@ -97,7 +109,8 @@ def _write_full(model, data, out_dir: Path, batch_size: int) -> dict:
         hidden.append(seg_hidden.to(torch.float16).cpu())
         lengths.append(len(seg_logits))
     offsets = torch.tensor([0, *lengths]).cumsum(0)
-    torch.save({"logits": torch.cat(logits), "hidden": torch.cat(hidden), "offsets": offsets}, out_dir / "cache.pt")
+    torch.save({"logits": torch.cat(logits), "hidden": torch.cat(hidden), "offsets": offsets}, out_dir / "cache.pt.tmp")
+    os.replace(out_dir / "cache.pt.tmp", out_dir / "cache.pt")
     return {"rows": int(offsets[-1]), "vocab": int(logits[0].shape[-1])}
 
 
@@ -138,6 +151,21 @@ def _write_top_k(model, data, out_dir: Path, batch_size: int, top_k: int, hidden
     return {"rows": rows, "vocab": vocab}
 
 
+def _complete_meta(cache_dir: Path) -> dict:
+    """The ``meta.json`` of a finished build whose files are all there at their recorded sizes."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"teacher cache {cache_dir} is incomplete (no readable meta.json listing its files: its "
+                         "build was interrupted or is still running, or it predates this check); rebuild it") from None
+    for name, size in files.items():
+        path = cache_dir / name
+        if not path.is_file() or path.stat().st_size != size:
+            raise ValueError(f"teacher cache {cache_dir}: {name} is missing or not the size its build wrote; rebuild it")
+    return meta
+
+
 def _describe(top_k: int | None) -> str:
     return "the full vocabulary" if top_k is None else f"the top-{top_k} teacher tokens"
 
@@ -154,7 +182,7 @@ class CachedTeacher:
     def __init__(self, cache_dir: Path, data: PairedDataset, device: torch.device | str = "cpu", *,
                  top_k: int | None = None):
         cache_dir = Path(cache_dir)
-        meta = json.loads((cache_dir / "meta.json").read_text())
+        meta = _complete_meta(cache_dir)
         if meta["segments"] != len(data) or meta["token_digest"] != _token_digest(data):
             raise ValueError(
                 f"teacher cache {cache_dir} was built for other segments or another teacher tokenizer "

@@ -13,8 +13,17 @@ Special tokens (and padded ids beyond the tokenizer) have no bytes: ``None``.
 Normalizers: both sides of a pair must tokenize the same bytes, so a normalizer that rewrites
 ordinary text (NFKC, NFD, lowercasing, accent stripping, ...) is refused. Allowed are the
 SentencePiece dummy prefix and space marker (Llama-2's ``Prepend("▁")`` and ``Replace(" ", "▁")``)
-and NFC (Qwen2), which leaves NFC text untouched: ``encode_with_spans`` raises on any text it
-would change, so such a sample fails loudly instead of being misaligned.
+and NFC (Qwen2), which leaves NFC text untouched.
+
+Text a tokenizer's own encoding does not spell byte for byte (a literal "▁" under a
+SentencePiece tokenizer reads as a space; text NFC would change; whitespace a special token's
+``lstrip`` swallows; an ``<unk>``) is never changed, dropped or refused: ``encode_with_spans``
+keeps the tokens that spell the text and spells each stretch in between with the tokenizer's
+single-byte tokens (the ``<0xNN>`` byte-fallback pieces of a SentencePiece vocabulary). The
+tokens of a text are a function of the tokenizer and the text only, so every method of a pair,
+and the teacher cache, see the same ones; ``TokenSpans.fallback_bytes`` counts the bytes so
+spelled (``run.json``'s ``data.byte_fallback``). Only a tokenizer lacking a single-byte token
+that such a stretch needs is refused (every byte-level and byte-fallback vocabulary has all 256).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 
 class UnsupportedTokenizerError(ValueError):
@@ -160,27 +171,51 @@ class TokenSpans:
     starts: list[int]
     ends: list[int]
     loss: list[bool] | None = None  # per token: is it a training target (None = every token)
+    fallback_bytes: int = 0  # bytes spelled by single-byte tokens where the tokenizer's own did not spell them
 
 
-def encode_with_spans(tokenizer, text: str, table: list[bytes | None]) -> TokenSpans:
+class _NotSpelled(Exception):
+    """The tokenizer's own tokens do not spell the text (the byte fallback takes over)."""
+
+
+def single_byte_ids(table: list[bytes | None]) -> list[int | None]:
+    """For every byte value, the lowest id whose token is exactly that byte (None if there is none)."""
+    out: list[int | None] = [None] * 256
+    for i, b in enumerate(table):
+        if b is not None and len(b) == 1 and out[b[0]] is None:
+            out[b[0]] = i
+    return out
+
+
+def encode_with_spans(tokenizer, text: str, table: list[bytes | None],
+                      byte_ids: list[int | None] | None = None) -> TokenSpans:
     """Tokenize ``text`` (no special tokens added) and locate every token in ``text.encode()``.
 
-    Ordinary tokens' bytes must spell the text exactly, except for a space the tokenizer puts in
+    Ordinary tokens' bytes spell the text exactly, except for a space the tokenizer puts in
     front of the text or of a section after a special token (the SentencePiece dummy prefix): it
     is not part of the text, so that token's span leaves it out (and is empty when the token is
     just the space). A special token written out in the text (a chat marker such as
     ``<|eot_id|>``; HF tokenizers split them out) spans its string. A token that ends inside a
-    multi-byte character simply gets a span ending there.
+    multi-byte character simply gets a span ending there. Where the tokenizer's own tokens do not
+    spell the text, single-byte tokens do (module docstring).
 
     Args:
         tokenizer: a Hugging Face fast tokenizer.
         text: the raw text.
         table: ``token_bytes(tokenizer)``.
+        byte_ids: ``single_byte_ids(table)`` if at hand (computed when the fallback needs it).
 
     Raises:
-        UnsupportedTokenizerError: if the tokens do not spell the text (a normalizer changed it,
-            or a special token absorbs surrounding whitespace).
+        UnsupportedTokenizerError: if the fallback needs a byte the vocabulary has no token for.
     """
+    try:
+        return _own_spans(tokenizer, text, table)
+    except _NotSpelled:
+        return _fallback_spans(tokenizer, text, table, byte_ids or single_byte_ids(table))
+
+
+def _own_spans(tokenizer, text: str, table: list[bytes | None]) -> TokenSpans:
+    """The spans of the tokenizer's own tokens (the usual case), or :class:`_NotSpelled`."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     data = text.encode("utf-8")
     starts, ends, pos, k = [], [], 0, 0
@@ -188,9 +223,7 @@ def encode_with_spans(tokenizer, text: str, table: list[bytes | None]) -> TokenS
         if table[ids[k]] is None:  # a special token: its string must be right here
             marker = _marker(tokenizer, ids[k])
             if not data.startswith(marker, pos):
-                raise UnsupportedTokenizerError(
-                    f"the special token {marker.decode()!r} (id {ids[k]}) does not match the text at byte {pos} "
-                    f"({data[pos:pos + 20]!r}): does it strip surrounding whitespace?")
+                raise _NotSpelled
             starts.append(pos)
             pos += len(marker)
             ends.append(pos)
@@ -211,11 +244,7 @@ def encode_with_spans(tokenizer, text: str, table: list[bytes | None]) -> TokenS
 
         skip = 0 if spells(joined) else 1 if joined[:1] == b" " and spells(joined[1:]) else None
         if skip is None:
-            at = next((j for j, (x, y) in enumerate(zip(joined, data[pos:])) if x != y), min(len(joined), len(data) - pos))
-            raise UnsupportedTokenizerError(
-                f"the tokenizer changes the text (a normalizer? a special token that strips whitespace?): its tokens "
-                f"spell {joined[at:at + 20]!r}{' then ' + repr(after) if at == len(joined) else ''} at byte "
-                f"{pos + at} where the text has {data[pos + at:pos + at + 20]!r}")
+            raise _NotSpelled
         p = pos - skip
         for piece in pieces:
             starts.append(max(p, pos))
@@ -223,6 +252,61 @@ def encode_with_spans(tokenizer, text: str, table: list[bytes | None]) -> TokenS
             ends.append(max(p, pos))
         pos, k = p, m
     return TokenSpans(list(ids), starts, ends)
+
+
+def _fallback_spans(tokenizer, text: str, table: list[bytes | None], byte_ids: list[int | None]) -> TokenSpans:
+    """Spans when the tokenizer's own tokens do not spell ``text``: in order, keep each token that
+    spells the text at the current byte (a dummy-prefix space allowed at a section start) or a
+    special token whose string follows; replace any other token by single-byte tokens spelling
+    the characters it came from (its offsets), dropping the tokens of characters already spelled."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    data = text.encode("utf-8")
+    code = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    at = np.concatenate([[0], np.cumsum(1 + (code >= 0x80) + (code >= 0x800) + (code >= 0x10000))]).tolist()
+    ids: list[int] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    pos, spelled, section_start = 0, 0, True
+
+    def keep(token: int, start: int, end: int) -> None:
+        nonlocal pos
+        ids.append(token)
+        starts.append(start)
+        ends.append(end)
+        pos = end
+
+    def spell(end: int) -> None:  # data[pos:end] as single-byte tokens
+        nonlocal spelled
+        for b in data[pos:end]:
+            if byte_ids[b] is None:
+                raise UnsupportedTokenizerError(
+                    f"the tokenizer's own tokens do not spell {data[max(0, pos - 10):end + 10]!r}, and it has no "
+                    f"token for the single byte {b:#04x} to spell it with")
+            keep(byte_ids[b], pos, pos + 1)
+            spelled += 1
+
+    for token, (c0, c1) in zip(enc["input_ids"], enc["offset_mapping"]):
+        piece, source_end = table[token], at[c1]
+        if piece is None:
+            marker = _marker(tokenizer, token)
+            found = data.find(marker, pos, max(source_end, pos + len(marker)))
+            if found >= 0:  # a special token written in the text (what its lstrip ate is spelled)
+                spell(found)
+                keep(token, found, found + len(marker))
+                section_start = True
+                continue
+        elif data.startswith(piece, pos):
+            keep(token, pos, pos + len(piece))
+            section_start = False
+            continue
+        elif section_start and piece[:1] == b" " and data.startswith(piece[1:], pos):
+            keep(token, pos, pos + len(piece) - 1)  # the dummy-prefix space is not in the text
+            section_start = False
+            continue
+        spell(source_end)  # nothing if the characters it came from are already spelled
+        section_start = False
+    spell(len(data))  # what no token came from
+    return TokenSpans(ids, starts, ends, fallback_bytes=spelled)
 
 
 def _marker(tokenizer, token_id: int) -> bytes:

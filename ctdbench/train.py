@@ -8,7 +8,16 @@ bytes, student and teacher tokens, teacher forward passes, wall time, peak memor
 Checkpoints hold the student, the method's own parameters, the optimizer and the counters; a
 run started again in the same directory resumes from the last one and ends with the same final
 weights as an uninterrupted run (the data order is a function of the step, and training has no
-other randomness).
+other randomness). A checkpoint records the digest of the run that wrote it (its spec, training
+budget, seed, method and data): a run resumes only its own, and otherwise starts fresh, saying
+so in ``train_log.jsonl`` and on stderr. Checkpoints hold tensors, numbers, strings, lists and
+dicts only and are read with ``torch.load(weights_only=True)``: a crafted file executes nothing
+(it is unreadable, so the run starts fresh). The caller removes the checkpoint once the trained
+model and its record are saved (:func:`remove_checkpoint`).
+
+Every optimizer step checks the loss of each micro-batch and the gradient norm: a NaN or
+infinity stops the run naming the step and the micro-batch, before the update, before any
+checkpoint; nothing non-finite is ever saved.
 
 Under ``accelerate launch`` (or torchrun) N processes share each optimizer step: the global batch
 is cut into ``grad_accum`` x N micro-batches, rank r taking micro-batches r, r + N, ...; DDP or
@@ -20,10 +29,12 @@ Rank 0 writes the log and the checkpoints; the budget counters add up every rank
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -34,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ctdbench import parallel
 from ctdbench.data import PairedDataset, Schedule, chain_digest, collate
+from ctdbench.files import write_atomic
 from methods.base import token_cross_entropy
 
 
@@ -63,6 +75,10 @@ class TrainConfig:
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the batch."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """The gradient norm became NaN or infinite; the message names the step and the micro-batch."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -157,32 +173,75 @@ class TrainingModule(torch.nn.Module):
 
 
 class Checkpointer:
-    """Atomic save/load of the full training state in ``out_dir/checkpoint/last.pt``."""
+    """Atomic save/load of the full training state in ``out_dir/checkpoint/last.pt``, tied to one run.
 
-    def __init__(self, out_dir: Path):
-        self.path = Path(out_dir) / "checkpoint" / "last.pt"
+    Args:
+        digest: the run's digest (:func:`run_digest`); only a checkpoint carrying it is loaded.
+    """
+
+    def __init__(self, out_dir: Path, digest: str):
+        self.path, self.digest = checkpoint_path(out_dir), digest
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save({**state, "run_digest": self.digest}, tmp)
         os.replace(tmp, self.path)  # a kill mid-write never leaves a corrupt checkpoint
 
-    def load(self) -> dict | None:
-        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+    def load(self) -> tuple[dict | None, str | None]:
+        """``(state, None)`` for this run's checkpoint; ``(None, why)`` for one it must not resume
+        (another run's, or unreadable); ``(None, None)`` without any."""
+        if not self.path.exists():
+            return None, None
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, it is not resumed
+            return None, f"its checkpoint {self.path} is unreadable ({type(e).__name__}: {str(e)[:200]})"
+        found = state.get("run_digest") if isinstance(state, dict) else None
+        if found != self.digest:
+            return None, (f"its checkpoint {self.path} belongs to another run (run digest {found}; this run's "
+                          f"spec, budget, seed, method or data differ: {self.digest})")
+        return state, None
 
-    def remove(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
-            self.path.parent.rmdir()
+
+def checkpoint_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoint" / "last.pt"
+
+
+def remove_checkpoint(out_dir: Path) -> None:
+    """Delete a run's checkpoint: call only once its trained model and record are safely saved."""
+    path = checkpoint_path(out_dir)
+    path.unlink(missing_ok=True)
+    if path.parent.is_dir() and not any(path.parent.iterdir()):
+        path.parent.rmdir()
+
+
+def run_digest(spec, cfg: TrainConfig, *, seed: int, method_name: str, data: PairedDataset) -> str:
+    """sha256 of everything that defines a run's weights: the caller's ``spec`` (JSON; method
+    hyperparameters, models, teacher identity ...), the budget, the seed, the method and the data."""
+    whole = {"spec": spec, "train": asdict(cfg), "seed": seed, "method": method_name, "data": data.digest()}
+    return hashlib.sha256(json.dumps(whole, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_log(log_path: Path) -> list[dict]:
+    """The readable rows of ``train_log.jsonl`` (a kill mid-write can leave a torn last line)."""
+    rows = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def _truncate_log(log_path: Path, last_step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from."""
+    """Keep the log rows up to the checkpoint we resume from (and no torn line), atomically."""
     if not log_path.exists():
         return
-    rows = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    log_path.write_text("".join(r + "\n" for r in rows))
+    rows = [row for row in _read_log(log_path) if row["step"] <= last_step]
+    write_atomic(log_path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 # Per-step counts of the budget, added up over micro-batches and ranks.
@@ -214,6 +273,7 @@ def train(
     val_data: PairedDataset | None = None,
     progress: bool = True,
     processes: parallel.SingleProcess | parallel.Ranks | None = None,
+    spec: dict | None = None,
 ) -> dict:
     """Train ``student`` with ``method``'s loss; returns the budget and timing summary.
 
@@ -227,6 +287,14 @@ def train(
         teacher: teacher outputs source (``ctdbench.teacher``), required if ``method.needs_teacher``.
         val_data: segments for the validation bits-per-byte learning curve.
         processes: ``ctdbench.parallel.processes(...)``; default one process.
+        spec: what else defines the run (the CLI's job spec plus the teacher's identity), for
+            the checkpoint's run digest; the budget, seed, method name and data are added here.
+
+    The checkpoint stays in ``out_dir``: remove it (:func:`remove_checkpoint`) once the student
+    and its record are saved.
+
+    Raises:
+        NonFiniteLossError, NonFiniteGradientError: naming the step and micro-batch.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,21 +314,31 @@ def train(
 
     schedule = Schedule(len(data), cfg.batch_size, seed)
     module, optimizer = procs.prepare(module, make_optimizer(student, method, cfg), whole=method)
-    ckpt = Checkpointer(out_dir)
+    digest = run_digest(spec, cfg, seed=seed, method_name=getattr(method, "name", type(method).__name__), data=data)
+    ckpt = Checkpointer(out_dir, digest)
     log_path = out_dir / "train_log.jsonl"
     counters = dict(optimizer_steps=0, documents=0, text_bytes=0, student_tokens=0,
                     teacher_tokens=0, teacher_forward_passes=0, stream_sha256="")
     elapsed = 0.0
 
-    state = ckpt.load()
+    def log(row: dict) -> None:
+        if procs.is_main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    state, refused = ckpt.load()
     if state is not None:
         parallel.load_training_state(module, optimizer, state)
         counters, elapsed = state["counters"], state["elapsed"]
         torch.set_rng_state(state["rng"])
         if procs.is_main:
             _truncate_log(log_path, counters["optimizer_steps"])
-    elif log_path.exists() and procs.is_main:
-        log_path.unlink()
+    elif procs.is_main:
+        log_path.unlink(missing_ok=True)
+        if refused:  # never resume what another spec (or an unreadable file) left behind
+            print(f"starting fresh: {refused}", file=sys.stderr)
+            log({"step": 0, "event": "fresh_start", "reason": refused})
+            remove_checkpoint(out_dir)
     start_step = counters["optimizer_steps"]
 
     # Rank r takes micro-batches r, r + N, ... of each global batch.
@@ -277,11 +355,6 @@ def train(
     )
     batches = iter(loader)
 
-    def log(row: dict) -> None:
-        if procs.is_main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
     if val_data is not None and start_step == 0 and cfg.eval_every:
         log({"step": 0, "bytes_seen": 0, "val_bpb": validation_bpb(module, val_data, device)})
 
@@ -294,8 +367,10 @@ def train(
             g["lr"] = g["base_lr"] * factor
         # This rank's share of the step; the ranks' shares are added up below.
         share = {"loss": 0.0, "terms": {}, **dict.fromkeys(COUNTED, 0)}
+        step_batches = []
         for m in range(cfg.grad_accum):
             batch = _to(next(batches), device)
+            step_batches.append(batch)
             last = m == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else procs.no_sync(module):
                 loss, logs = module(batch, teacher)
@@ -316,6 +391,9 @@ def train(
             share["text_bytes"] += int(batch["n_bytes"].sum())
         procs.average_whole_gradients()
         grad_norm = procs.clip_grad_norm(module, optimizer, cfg.grad_clip)
+        if not math.isfinite(grad_norm):  # before the update: nothing non-finite reaches the weights
+            raise NonFiniteGradientError(_gradient_culprit(module, teacher, optimizer, step_batches, step, grad_norm,
+                                                           procs))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         whole = _whole_step(procs.gather(share))
@@ -361,6 +439,23 @@ def train(
     }
     if val_data is not None and start_step < cfg.steps:
         summary["final_val_bpb"] = last_val
-    if procs.is_main:
-        ckpt.remove()
+    summary["run_digest"] = digest
     return summary
+
+
+def _gradient_culprit(module, teacher, optimizer, batches: list[dict], step: int, norm: float, procs) -> str:
+    """Why a step's gradient norm is non-finite: the first of this step's micro-batches whose own
+    gradient is (found by recomputing them one at a time; with several processes, whose shares are
+    reduced together, the step's micro-batches are listed instead)."""
+    number = lambda m: procs.rank + m * procs.world_size  # noqa: E731 - this rank's m-th micro-batch of the step
+    where = "; ".join(f"micro-batch {number(m)}: segments {b['index'].tolist()}" for m, b in enumerate(batches))
+    if procs.world_size == 1:
+        for m, batch in enumerate(batches):
+            optimizer.zero_grad(set_to_none=True)
+            loss, logs = module(batch, teacher)
+            loss.backward()
+            if not all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None):
+                where = f"micro-batch {m} (segments {batch['index'].tolist()}; loss {loss.item()}, terms {logs})"
+                break
+        optimizer.zero_grad(set_to_none=True)
+    return f"gradient norm is {norm} at step {step}: {where}; nothing of this step was applied or saved"

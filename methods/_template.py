@@ -2,6 +2,8 @@
 
 Copy this file to ``methods/<name>.py``, add a ``methods: {<name>: {...}}`` block and the name to
 ``run.methods`` in a config, and a test file ``tests/methods/test_<name>.py``. Nothing else.
+Annotate every hyperparameter's type and give its allowed values in ``hparam_limits``: config
+validation checks both, so a bad value fails before any job runs.
 
 Equations implemented:
     L = CE(student) + weight * D(teacher, student)      # state every equation you implement
@@ -21,6 +23,10 @@ class MyMethod(DistillationMethod):
     needs_teacher = True           # run the teacher on its own tokenization of the same text
     needs_hidden_states = False    # the student's last hidden state
     needs_teacher_hidden_states = False  # the teacher's last hidden state
+    # Config validation checks every hyperparameter against its annotation below and these
+    # limits: an interval "[lo, hi]" / "(lo, hi)" (inf allowed), a tuple of allowed values, or a
+    # function returning the problem with a value (methods.base.under_results: a path it writes).
+    hparam_limits = {"weight": "[0, inf)", "temperature": "(0, inf)"}
 
     def __init__(self, ctx, weight: float = 1.0, temperature: float = 1.0):
         super().__init__(ctx)

@@ -157,6 +157,7 @@ def last_layer_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 @register("alm+sft", sft=True)
 class ALM(DistillationMethod):
     needs_teacher = True
+    hparam_limits = {"tau": "(0, inf)", "threshold": "[0, 1]"}
 
     def __init__(self, ctx, sft: bool = True, tau: float = 100.0, threshold: float = 0.1, gradmag: bool = False):
         super().__init__(ctx)

@@ -14,6 +14,13 @@ cache stores them only if a method of its config reads them), ``needs_full_teach
 method cannot train from a top-k teacher cache; checked at config validation and construction) and
 ``requires_same_tokenizer`` (checked at config validation).
 
+Hyperparameters are the constructor's keyword arguments. Config validation checks each value
+against the constructor's annotation (``float`` takes integers too, ``int`` no floats, ``bool``,
+``str``, ``X | None``, ``Literal[...]``; NaN and infinity never pass) and against the class's
+``hparam_limits``, which maps a name to an interval (``"[0, 1]"``, ``"(0, inf)"``), a tuple of
+allowed values, or a function returning the problem with a value (None if fine), e.g.
+:func:`under_results` for a path the method writes to.
+
 A top-k teacher cache (``ctdbench.teacher``) gives teacher logits that are -inf outside the stored
 ids: a method's loss must stay finite there (e.g. ``p * log p`` is 0 at p = 0, not NaN).
 """
@@ -21,8 +28,13 @@ ids: a method's loss must stay finite there (e.g. ``p * log p`` is 0 at p = 0, n
 from __future__ import annotations
 
 import inspect
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import PurePosixPath
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +90,8 @@ class DistillationMethod(nn.Module):
     needs_teacher_hidden_states: ClassVar[bool] = False
     needs_full_teacher_vocab: ClassVar[bool] = False
     requires_same_tokenizer: ClassVar[bool] = False  # e.g. plain KD over a shared vocabulary
+    # Allowed values of hyperparameters beyond their annotated type (module docstring).
+    hparam_limits: ClassVar[dict[str, str | tuple | Callable[[Any], str | None]]] = {}
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
@@ -93,8 +107,10 @@ class DistillationMethod(nn.Module):
 
     @classmethod
     def from_config(cls, ctx: MethodContext, hparams: dict[str, Any], *, name: str):
-        """Build from config hyperparameters, naming any unknown key."""
-        check_hparams(cls, hparams, name=name)
+        """Build from config hyperparameters, naming any unknown, missing or mistyped one (their
+        ``hparam_limits`` are checked at config validation: a method built by hand, in a test or a
+        benchmark, may e.g. write its files outside results/)."""
+        check_hparams(cls, hparams, name=name, limits=False)
         method = cls(ctx, **hparams)
         method.name = name
         return method
@@ -132,22 +148,93 @@ class DistillationMethod(nn.Module):
         return [{"params": params}] if params else []
 
 
-def check_hparams(cls: type, hparams: dict[str, Any], *, name: str) -> None:
-    """Raise ValueError naming unknown or missing hyperparameters of method ``name``."""
-    sig = inspect.signature(cls.__init__)
-    accepted = [p for p in list(sig.parameters)[2:]]  # skip self, ctx
-    unknown = sorted(set(hparams) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"methods.{name}: unknown hyperparameter(s) {', '.join(unknown)}; "
-            f"accepted: {', '.join(accepted) or '(none)'}"
-        )
-    missing = [
-        p.name for p in list(sig.parameters.values())[2:]
-        if p.default is inspect.Parameter.empty and p.name not in hparams
-    ]
-    if missing:
-        raise ValueError(f"methods.{name}: missing hyperparameter(s) {', '.join(missing)}")
+class HparamError(ValueError):
+    """A hyperparameter is unknown, missing, of the wrong type or out of range; ``key`` names it
+    (``methods.<name>.<hyperparameter>``)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def check_hparams(cls: type, hparams: dict[str, Any], *, name: str, limits: bool = True) -> None:
+    """Check method ``name``'s hyperparameters against ``cls``'s constructor and (``limits``) its
+    ``hparam_limits``.
+
+    Raises:
+        HparamError: naming the first unknown, missing, mistyped or out-of-range hyperparameter.
+    """
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # skip self, ctx
+    accepted = [p.name for p in params]
+    for key in hparams:
+        if key not in accepted:
+            raise HparamError(f"methods.{name}.{key}",
+                              f"unknown hyperparameter of {name}; accepted: {', '.join(accepted) or '(none)'}")
+    for p in params:
+        if p.default is inspect.Parameter.empty and p.name not in hparams:
+            raise HparamError(f"methods.{name}.{p.name}", "missing hyperparameter (it has no default)")
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in hparams.items():
+        problem = _type_problem(value, hints.get(key, Any))
+        limit = cls.hparam_limits.get(key) if limits else None
+        if problem is None and limit is not None and value is not None:
+            problem = _limit_problem(limit, value)
+        if problem:
+            raise HparamError(f"methods.{name}.{key}", problem)
+
+
+def _type_problem(value, hint) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    return None if _has_type(value, hint) else f"{value!r} is not of type {_type_name(hint)}"
+
+
+def _has_type(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint in (None, type(None)):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    kind = origin or hint
+    return isinstance(value, kind) if isinstance(kind, type) else True  # Any and the like: unchecked
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint in (None, type(None)) else getattr(hint, "__name__", str(hint))
+
+
+_INTERVAL = re.compile(r"([\[(])\s*(\S+?)\s*,\s*(\S+?)\s*([\])])")
+
+
+def _limit_problem(limit, value) -> str | None:
+    if callable(limit):
+        return limit(value)
+    if isinstance(limit, tuple):
+        return None if value in limit else f"{value!r} is not one of {', '.join(map(repr, limit))}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"{value!r} is not a number"
+    opening, low, high, closing = _INTERVAL.fullmatch(limit).groups()
+    low, high = float(low), float(high)
+    inside = (value > low if opening == "(" else value >= low) and (value < high if closing == ")" else value <= high)
+    return None if inside else f"{value} is outside {limit}"
+
+
+def under_results(path: str) -> str | None:
+    """``hparam_limits`` check of a path a method writes to: relative, under ``results/``, without
+    ``..``, made of safe characters (``{key}`` placeholders allowed). Returns the problem or None."""
+    parts = PurePosixPath(path).parts
+    if (not re.fullmatch(r"[A-Za-z0-9_.+/-]+", path.replace("{key}", "k")) or parts[:1] != ("results",)
+            or ".." in parts or len(parts) < 2):
+        return f"{path!r} is not a path under results/ (relative, no '..', letters, digits and _ . + - / only)"
+    return None
 
 
 def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,

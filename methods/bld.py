@@ -112,6 +112,10 @@ class TransformerByteHead(ByteHead):
 class BLD(DistillationMethod):
     needs_teacher = True
     needs_hidden_states = True
+    hparam_limits = {"lambda_b": "[0, inf)", "lambda_kl": "[0, inf)", "temperature": "(0, inf)",
+                     "n_bytes": "[1, inf)", "n_special": "[1, inf)", "conversion": MODES,
+                     "head": ("linear", "transformer"), "head_width": "[1, inf)", "head_layers": "[1, inf)",
+                     "row_chunk": "[1, inf)"}
 
     def __init__(self, ctx, lambda_b: float = 1.0, lambda_kl: float = 0.1, temperature: float = 1.0,
                  n_bytes: int = 10, n_special: int = 4, conversion: str = "a1", head: str = "linear",

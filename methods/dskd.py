@@ -138,6 +138,8 @@ class DSKD(DistillationMethod):
     needs_teacher = True
     needs_hidden_states = True
     needs_teacher_hidden_states = True
+    hparam_limits = {"kd_rate": "[0, 1]", "temperature": "(0, inf)", "teacher_temperature": "(0, inf)",
+                     "projector_lr": "(0, inf)"}
 
     def __init__(self, ctx, kd_rate: float = 0.5, temperature: float = 2.0, teacher_temperature: float = 1.0,
                  projector_lr: float = 1e-3):

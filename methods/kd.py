@@ -169,6 +169,7 @@ def kd_loss(student_logits, teacher_logits, input_ids, mask, *, kd_rate: float =
 class KD(DistillationMethod):
     needs_teacher = True
     requires_same_tokenizer = True
+    hparam_limits = {"kd_rate": "[0, 1]", "temperature": "(0, inf)"}
 
     def __init__(self, ctx, kd_rate: float = 0.5, temperature: float = 2.0):
         super().__init__(ctx)

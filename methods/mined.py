@@ -64,7 +64,7 @@ import torch
 
 from ctdbench.align import span_chunks
 from methods import register
-from methods.base import DistillationMethod, shifted_targets
+from methods.base import DistillationMethod, shifted_targets, under_results
 from methods.kd import ce_kl
 
 
@@ -276,6 +276,8 @@ def mined_loss(student_logits, input_ids, mask, teacher_logits, teacher_pos, voc
 @register("mined")
 class MinED(DistillationMethod):
     needs_teacher = True
+    hparam_limits = {"kd_rate": "[0, 1]", "temperature": "(0, inf)", "alignment": ("chunks", "dtw"),
+                     "map_path": under_results}
 
     def __init__(self, ctx, kd_rate: float = 0.5, temperature: float = 2.0, alignment: str = "chunks",
                  map_path: str | None = None):

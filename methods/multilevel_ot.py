@@ -240,6 +240,11 @@ class MultiLevelOT(DistillationMethod):
     # z / std_v(z) needs the teacher's logits over the whole vocabulary: the std and the softmax
     # normaliser at that scale are not determined by a top-k cache's log-probabilities.
     needs_full_teacher_vocab = True
+    hparam_limits = {"crossentropy_weight": "[0, inf)", "distillation_weight": "[0, inf)", "top_k": "[1, inf)",
+                     "student_temperature": "(0, inf)", "teacher_temperature": "(0, inf)",
+                     "log_weight": "[0, inf)", "sinkhorn_weight": "[0, inf)", "sinkhorn_scale": "[0, inf)",
+                     "sinkhorn_epsilon": "(0, inf)", "sinkhorn_iters": "[1, inf)",
+                     "sinkhorn_temperature": "(0, inf)"}
 
     def __init__(self, ctx, crossentropy_weight: float = 1.0, distillation_weight: float = 1.5, top_k: int = 50,
                  student_temperature: float = 1.0, teacher_temperature: float = 1.0, log_weight: float = 0.1,

@@ -287,6 +287,8 @@ def log_chain_factors(z, ids, pre, b, c, n_groups: int, temperature: float) -> t
 @register("uld_aligned", aligned=True)
 class ULD(DistillationMethod):
     needs_teacher = True
+    hparam_limits = {"crossentropy_weight": "[0, inf)", "distillation_weight": "[0, inf)",
+                     "student_temperature": "(0, inf)", "teacher_temperature": "(0, inf)"}
 
     def __init__(self, ctx, aligned: bool = False, crossentropy_weight: float = 1.0, distillation_weight: float = 1.5,
                  student_temperature: float = 1.0, teacher_temperature: float = 1.0):

@@ -279,3 +279,22 @@ def test_axis_limits_contain_every_plotted_point(tmp_path, monkeypatch):
             for seg in map(np.asarray, coll.get_segments())]
     assert max(tops) <= 1.0  # the CI is clipped to the metric's range
     assert figs["ctd_heldout__word_perplexity.png"].axes[0].get_yscale() == "log"
+
+
+def test_crafted_results_files_cannot_reach_outside_the_results_folder(tmp_path):
+    config_dir = write_results(tmp_path / "results")
+    seed0 = config_dir / "bpe_to_sp" / "sft" / "seed0"
+    crafted = eval_json(2.0, 0.5)
+    crafted["tasks"]["../../../../escaped"] = {"/tmp/x": 0.77}
+    (seed0 / "eval.json").write_text(json.dumps(crafted))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "eval.json").write_text(json.dumps(eval_json(0.123, 0.456)))
+    run = run_json("demo", "bpe_to_sp", "sft", 0)
+    run["pair_spec"]["teacher"] = "../../../outside"  # would read tmp_path/outside/eval.json
+    (seed0 / "run.json").write_text(json.dumps(run))
+    with pytest.warns(ResultsWarning, match="not a folder name"):
+        table = collect(config_dir)
+    paths = make_figures(config_dir, table)
+    assert all(p.parent == config_dir / "figures" for p in paths)
+    assert [p.name for p in tmp_path.rglob("*escaped*")] == ["_.._.._.._escaped___tmp_x.png"]
+    assert not table["value"].isin([0.123, 0.456]).any()  # nothing read from outside

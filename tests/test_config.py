@@ -64,8 +64,34 @@ def test_unknown_method_lists_available():
 
 def test_unknown_method_hyperparameter_is_named():
     cfg = edited("methods.sft", {"temprature": 2.0})
-    with pytest.raises(ctd_config.ConfigError, match="methods.sft.*temprature"):
+    with pytest.raises(ctd_config.ConfigError, match="'methods.sft.temprature': unknown hyperparameter"):
         ctd_config.validate(cfg)
+
+
+@pytest.mark.parametrize("hparams, expected", [
+    ({"temperature": 2}, None),  # an integer where a float is annotated is fine
+    ({"temperature": "2"}, "'methods.bld.temperature': '2' is not of type float"),
+    ({"temperature": 0.0}, r"'methods.bld.temperature': 0.0 is outside \(0, inf\)"),
+    ({"n_bytes": 4.0}, "'methods.bld.n_bytes': 4.0 is not of type int"),
+    ({"n_bytes": True}, "'methods.bld.n_bytes': True is not of type int"),
+    ({"head": "transformer", "head_layers": 0}, r"'methods.bld.head_layers': 0 is outside \[1, inf\)"),
+    ({"conversion": "a0"}, None),
+])
+def test_method_hyperparameters_are_checked_by_type_and_range(hparams, expected):
+    cfg = edited("methods.bld", hparams)
+    if expected is None:
+        ctd_config.validate(cfg)
+    else:
+        with pytest.raises(ctd_config.ConfigError, match=expected):
+            ctd_config.validate(cfg)
+
+
+def test_a_path_a_method_writes_stays_under_results():
+    from methods.base import under_results
+
+    assert under_results("results/smoke/maps/p/{key}.npy") is None
+    for bad in ("/tmp/x.npy", "results/../x.npy", "x.npy", "results", "results/a b.npy", "results/{0}.npy"):
+        assert under_results(bad), bad
 
 
 def test_missing_teacher_budget():
@@ -115,3 +141,86 @@ def test_missing_accelerate_config_is_named():
     cfg = {**load("smoke.yaml"), "device": "cuda", "gpus_per_run": 2, "accelerate_config": "profiles/nope.yaml"}
     with pytest.raises(ctd_config.ConfigError, match="'accelerate_config'"):
         ctd_config.validate(cfg)
+
+
+MALICIOUS = {
+    "shell": lambda c: c["tokenizers"].update({"byte;touch MARKER;": c["tokenizers"].pop("byte")}),
+    "traversal": lambda c: c["tokenizers"].update({"../../MARKER": c["tokenizers"].pop("byte")}),
+}
+
+
+def malicious_config(tmp_path, kind: str) -> Path:
+    cfg = load("smoke.yaml")
+    MALICIOUS[kind](cfg)
+    for pair in cfg["pairs"].values():
+        if pair["student_tokenizer"] == "byte":
+            pair["student_tokenizer"] = next(name for name in cfg["tokenizers"] if "MARKER" in name)
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("kind", MALICIOUS)
+def test_check_config_refuses_malicious_names_in_one_line(kind, tmp_path, capsys):
+    from ctdbench import cli
+
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["check-config", str(malicious_config(tmp_path, kind))])
+    message = str(refused.value)
+    assert message.startswith("ctdbench check-config: config key '") and "\n" not in message
+    assert "MARKER" in message and "is not a safe name" in message
+
+
+@pytest.mark.parametrize("kind", MALICIOUS)
+def test_the_workflow_refuses_malicious_names_before_any_job(kind, tmp_path, run_snakemake):
+    workdir = tmp_path / "work" / "dir"
+    workdir.mkdir(parents=True)
+    result = run_snakemake(workdir, "--cores", "1", "--configfile", str(malicious_config(tmp_path, kind)))
+    assert result.returncode != 0
+    assert "invalid config: config key '" in result.stderr and "is not a safe name" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("MARKER*")) and not (workdir / "results").exists()
+
+
+def test_duplicate_keys_are_refused_by_check_config_and_the_workflow(tmp_path, run_snakemake):
+    from ctdbench import cli
+
+    bad = tmp_path / "dup.yaml"
+    bad.write_text((CONFIGS / "smoke.yaml").read_text().replace("{steps: 6,", "{steps: 6, steps: 600,"))
+    with pytest.raises(SystemExit, match=r"'distill.train.steps': written twice .*line 32"):
+        cli.main(["check-config", str(bad)])
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(bad))
+    assert result.returncode != 0 and "'distill.train.steps': written twice" in result.stderr
+
+
+def test_check_config_names_unreadable_files_in_one_line(tmp_path):
+    from ctdbench import cli
+
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    for path, expected in ((tmp_path / "broken.yaml", "not valid YAML"), (tmp_path / "missing.yaml", "cannot be read")):
+        with pytest.raises(SystemExit, match=expected):
+            cli.main(["check-config", str(path)])
+
+
+def test_yaml_aliases_cannot_blow_up_validation(tmp_path):
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{k}: &a{k} [*a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}, *a{k - 1}]"
+              for k in range(1, 12)]  # 10 x 8^11 values
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ctd_config.ConfigError, match="more than 100000 values"):
+        ctd_config.read_yaml(tmp_path / "laughs.yaml")
+
+
+def test_every_method_declares_valid_limits_its_defaults_meet():
+    import inspect
+
+    import methods
+    from methods.base import _INTERVAL, check_hparams
+
+    for name in methods.available():
+        cls, defaults = methods.get(name)
+        params = set(list(inspect.signature(cls.__init__).parameters)[2:])
+        assert set(cls.hparam_limits) <= params, name
+        for limit in cls.hparam_limits.values():
+            assert callable(limit) or isinstance(limit, tuple) or _INTERVAL.fullmatch(limit), (name, limit)
+        check_hparams(cls, defaults, name=name)

@@ -217,3 +217,10 @@ def test_prepare_local_writes_splits_and_provenance(tmp_path):
         assert all(d.text == (src / f"{d.id}.txt").read_text(encoding="utf-8") for d in docs)
     again = prepare_corpus(str(src), tmp_path / "again", cache_dir=tmp_path, n_validation=1, n_test=1, seed=0)
     assert again == meta
+
+
+def test_a_row_with_an_unpaired_surrogate_is_named(tmp_path):
+    path = tmp_path / "web.jsonl"
+    path.write_text('{"text": "fine \\ud83d\\ude00"}\n{"text": "broken \\ud800 half"}\n')
+    with pytest.raises(ValueError, match=r"web.jsonl:2: the row holds an unpaired surrogate"):
+        read_jsonl(path)

@@ -1,5 +1,6 @@
 """ctdbench.evaluate: task data, a real lm-eval run, and bits-per-byte against a direct computation."""
 
+import copy
 import json
 import math
 
@@ -171,3 +172,28 @@ def test_cloze_contexts_start_with_bos(evaluated):
     context, continuation = lm._encode_pair("Good night, sweet", " prince")
     assert context[0] == tokenizer.bos_token_id and context.count(tokenizer.bos_token_id) == 1
     assert tokenizer.decode(context[1:] + continuation) == "Good night, sweet prince"
+
+
+def test_non_finite_weights_or_metrics_are_never_reported(evaluated, tmp_path):
+    from ctdbench.agreement import byte_agreement
+    from ctdbench.data import Side
+    from ctdbench.evaluate import write_eval
+    from ctdbench.tokbytes import token_bytes
+
+    root, model, tokenizer, result = evaluated
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(broken.parameters())[0, 0] = float("nan")
+    broken.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        evaluate_model(tmp_path / "model", root / "data", tmp_path / "eval.json", batch_size=8, max_length=MAX_LENGTH,
+                       limit=LIMIT)
+    side = Side(tokenizer, token_bytes(tokenizer))
+    with pytest.raises(FloatingPointError, match="non-finite next-byte distributions"):  # not a KL of 0.0
+        byte_agreement(model, side, broken, side, ["some held-out text"])
+    nan_metric = copy.deepcopy(result)
+    nan_metric["tasks"]["ctd_heldout"]["bits_per_byte"] = float("nan")
+    with pytest.raises(FloatingPointError, match="ctd_heldout/bits_per_byte"):
+        write_eval(nan_metric, tmp_path / "eval.json")
+    assert not (tmp_path / "eval.json").exists()

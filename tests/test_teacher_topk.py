@@ -106,17 +106,18 @@ def test_top_k_enters_the_cache_spec_and_the_runs_that_read_the_teacher():
     assert specs.teacher_cache_spec(config, "t")["hidden_states"] is False
 
 
-def test_top_k_without_the_cache_is_inert():
+def test_top_k_without_the_cache_is_refused():
     config = load("default.yaml")
-    config["distill"].update(teacher_cache=False, teacher_cache_top_k=64)
-    assert specs.teacher_cache_top_k(ctd_config.validate(config)) is None
-    assert all("teacher_cache_top_k" not in specs.distill_spec(config, *job) for job in grid(config))
+    config["distill"].update(teacher_cache=False, teacher_cache_top_k=64)  # it would do nothing
+    with pytest.raises(ctd_config.ConfigError, match="'distill.teacher_cache_top_k': has no effect without"):
+        ctd_config.validate(config)
+    assert specs.teacher_cache_top_k(config) is None
 
 
 def test_config_rejects_a_method_that_needs_the_full_teacher():
     config = copy.deepcopy(load("default.yaml"))
-    config["run"]["methods"].append("multilevel_ot")
-    config["distill"]["teacher_cache_top_k"] = 64
+    assert "multilevel_ot" in config["run"]["methods"]
+    config["distill"].update(teacher_cache=True, teacher_cache_top_k=64)
     with pytest.raises(ctd_config.ConfigError, match="'distill.teacher_cache_top_k': method 'multilevel_ot'"):
         ctd_config.validate(config)
     config["distill"]["teacher_cache_top_k"] = 0
@@ -125,8 +126,11 @@ def test_config_rejects_a_method_that_needs_the_full_teacher():
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "paper").glob("*.yaml")), ids=lambda p: p.stem)
-def test_paper_configs_name_a_top_k(path):
-    assert ctd_config.load(path)["distill"]["teacher_cache_top_k"] == 64
+def test_paper_configs_name_a_top_k_that_validates_with_the_cache(path):
+    assert "# teacher_cache_top_k: 64" in path.read_text()
+    config = ctd_config.load(path)
+    config["distill"].update(teacher_cache=True, teacher_cache_top_k=64)
+    assert ctd_config.validate(config)["distill"]["teacher_cache_top_k"] == 64
 
 
 def test_workflow_commands_pass_k_through(tmp_path, run_snakemake):

@@ -154,13 +154,16 @@ def test_special_token_strings_in_the_text_span_their_marker(load, name):
         assert x or table[i] in (data[s:e], b" " + data[s:e])
 
 
-def test_a_marker_that_eats_whitespace_is_refused(tokenizers):
+def test_whitespace_a_marker_eats_is_spelled_by_byte_tokens(tokenizers):
     from tokenizers import AddedToken
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizers["bytelevel_bpe"].backend_tokenizer.to_str()))
     tok.add_tokens([AddedToken("<|eot|>", special=True, lstrip=True)], special_tokens=True)
-    with pytest.raises(UnsupportedTokenizerError, match="strips whitespace.*then b'<\\|eot\\|>'"):
-        encode_with_spans(tok, "a  <|eot|>b", token_bytes(tok))
+    table = token_bytes(tok)
+    spans = encode_with_spans(tok, "a  <|eot|>b", table)
+    pieces = [table[i] or tok.convert_ids_to_tokens(i).encode() for i in spans.ids]
+    assert pieces == [b"a", b" ", b" ", b"<|eot|>", b"b"] and spans.fallback_bytes == 2
+    assert (spans.starts, spans.ends) == ([0, 1, 2, 3, 10], [1, 2, 3, 10, 11])
 
 
 def _renormalized(tok, normalizer) -> PreTrainedTokenizerFast:
@@ -180,12 +183,13 @@ def test_normalizers_that_change_the_text_are_refused(tokenizers, normalizer, na
         token_bytes(tok)
 
 
-def test_nfc_is_accepted_but_text_it_changes_is_refused(tokenizers):
+def test_text_nfc_changes_is_spelled_by_byte_tokens(tokenizers):
     tok = _renormalized(tokenizers["bytelevel_bpe"], normalizers.NFC())
     table = token_bytes(tok)
-    assert encode_with_spans(tok, "Zoë é", table).ends[-1] == len("Zoë é".encode())
-    with pytest.raises(UnsupportedTokenizerError, match="normalizer"):
-        encode_with_spans(tok, "e\u0301", table)
+    assert encode_with_spans(tok, "Zoë é", table).fallback_bytes == 0
+    spans = encode_with_spans(tok, "Cafe\u0301!", table)  # NFC would compose the e and its accent
+    assert [table[i] for i in spans.ids] == [b"C", b"a", b"f", b"e", b"\xcc", b"\x81", b"!"]
+    assert spans.ends == list(range(1, 8)) and spans.fallback_bytes == 4
 
 
 def test_wordpiece_is_refused():

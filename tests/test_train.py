@@ -1,14 +1,24 @@
 """The one training loop: schedule, identical budgets, resume, NaN handling, logs."""
 
 import json
+import re
 
 import pytest
 import torch
 
-from ctdbench.data import PairedDataset, segment_text
+from ctdbench.data import PairedDataset, Schedule, segment_text
 from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
-from ctdbench.train import NonFiniteLossError, TrainConfig, lr_factor, make_optimizer, train
+from ctdbench.train import (
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    TrainConfig,
+    checkpoint_path,
+    lr_factor,
+    make_optimizer,
+    remove_checkpoint,
+    train,
+)
 from methods import build
 from methods.base import DistillationMethod, MethodContext, token_cross_entropy
 
@@ -29,10 +39,11 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 class _TeacherCE(DistillationMethod):
     """A teacher-using test method: CE plus a trivial use of the teacher logits."""
 
-    def __init__(self, ctx, nan_at: int = -1, interrupt_at: int = -1):
+    def __init__(self, ctx, nan_at: int = -1, interrupt_at: int = -1, nan_grad: tuple[int, int] = (-1, -1)):
         super().__init__(ctx)
         self.head = torch.nn.Linear(2, 2)  # owns parameters, like BLD/DSKD
         self.calls, self.nan_at, self.interrupt_at = 0, nan_at, interrupt_at
+        self.nan_grad_from, self.nan_grad_segment = nan_grad  # from this call on, a batch holding that segment
 
     def loss(self, batch, student_out, teacher_out):
         self.calls += 1
@@ -42,6 +53,9 @@ class _TeacherCE(DistillationMethod):
         loss = ce + 0.0 * teacher_out.logits.mean() + 0.0 * self.head.weight.sum()
         if self.calls - 1 == self.nan_at:
             loss = loss * float("nan")
+        if self.calls > self.nan_grad_from >= 0 and self.nan_grad_segment in batch["index"].tolist():
+            # a finite loss term (0) whose gradient is 0 x inf = NaN
+            loss = loss + 0.0 * (self.head.weight - self.head.weight.detach()).abs().sqrt().sum()
         return loss, {"ce": ce.item()}
 
 
@@ -108,10 +122,95 @@ def test_interrupted_run_resumes_to_identical_weights(setup, tmp_path):
         assert torch.equal(p, q)
     assert torch.equal(ref_method.head.weight, method.head.weight)
     assert summary["budget"]["optimizer_steps"] == 6
+    # The caller removes the checkpoint once the student and run.json are saved.
+    assert checkpoint_path(tmp_path / "run").exists()
+    remove_checkpoint(tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint").exists()
     ref_log = (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()
     log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in log] == [json.loads(r)["step"] for r in ref_log]
+
+
+def _interrupted(make, data, teacher, val, out, cfg, seed=2):
+    """A run killed during step 5, after its step-4 checkpoint."""
+    student, method = make(_TeacherCE, interrupt_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(student, method, data, cfg, out, seed=seed, teacher=teacher, val_data=val, progress=False)
+    assert checkpoint_path(out).exists()
+
+
+def test_a_changed_spec_starts_fresh_and_says_so(setup, tmp_path, capsys):
+    data, val, teacher, make = setup
+    _interrupted(make, data, teacher, val, tmp_path / "run", TrainConfig(**CFG))
+    fixed = TrainConfig(**{**CFG, "lr": 1e-3})  # e.g. the lr fixed after a failure
+    student, method = make(_TeacherCE)
+    summary = train(student, method, data, fixed, tmp_path / "run", seed=2, teacher=teacher, val_data=val,
+                    progress=False)
+    ref_student, ref_method = make(_TeacherCE)
+    train(ref_student, ref_method, data, fixed, tmp_path / "ref", seed=2, teacher=teacher, val_data=val, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(ref_student.parameters(), student.parameters()))
+    assert summary["train_config"]["lr"] == 1e-3 and summary["budget"]["optimizer_steps"] == 6
+    rows = [json.loads(r) for r in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert rows[0]["event"] == "fresh_start" and "belongs to another run" in rows[0]["reason"]
+    assert "starting fresh" in capsys.readouterr().err
+    # The spec also covers the caller's part (method hyperparameters, models, teacher ...).
+    _interrupted(make, data, teacher, val, tmp_path / "run2", TrainConfig(**CFG))
+    student, method = make(_TeacherCE)
+    train(student, method, data, TrainConfig(**CFG), tmp_path / "run2", seed=2, teacher=teacher, progress=False,
+          spec={"hparams": {"kd_rate": 0.2}})
+    assert json.loads((tmp_path / "run2" / "train_log.jsonl").read_text().splitlines()[0])["event"] == "fresh_start"
+    # ... and the data: the same segments with one text changed (another corpus, segmentation or tokenizer).
+    _interrupted(make, data, teacher, val, tmp_path / "run3", TrainConfig(**CFG))
+    changed = PairedDataset([e.text.decode() for e in data][:-1] + ["another text\n"], data.student, data.teacher)
+    student, method = make(_TeacherCE)
+    train(student, method, changed, TrainConfig(**CFG), tmp_path / "run3", seed=2, teacher=teacher, progress=False)
+    assert json.loads((tmp_path / "run3" / "train_log.jsonl").read_text().splitlines()[0])["event"] == "fresh_start"
+
+
+def test_a_crafted_checkpoint_runs_nothing(setup, tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "MARKER"), "w"))
+
+    data, val, teacher, make = setup
+    checkpoint_path(tmp_path / "run").parent.mkdir(parents=True)
+    checkpoint_path(tmp_path / "run").write_bytes(pickle.dumps({"model": Payload()}))
+    student, method = make(_TeacherCE)
+    summary = train(student, method, data, TrainConfig(**CFG), tmp_path / "run", seed=2, teacher=teacher,
+                    progress=False)
+    assert not (tmp_path / "MARKER").exists() and summary["budget"]["optimizer_steps"] == 6
+    row = json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[0])
+    assert row["event"] == "fresh_start" and "unreadable" in row["reason"]
+
+
+def test_a_torn_last_log_line_does_not_block_resuming(setup, tmp_path):
+    data, val, teacher, make = setup
+    _interrupted(make, data, teacher, val, tmp_path / "run", TrainConfig(**CFG))
+    log = tmp_path / "run" / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 5, "bytes_se')  # killed mid-write
+    student, method = make(_TeacherCE)
+    train(student, method, data, TrainConfig(**CFG), tmp_path / "run", seed=2, teacher=teacher, val_data=val,
+          progress=False)
+    steps = [json.loads(r)["step"] for r in log.read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_nan_gradient_at_the_last_step_stops_before_the_update(setup, tmp_path, monkeypatch):
+    data, val, teacher, make = setup
+    cfg = TrainConfig(**{**CFG, "grad_accum": 2})
+    last = Schedule(len(data), cfg.batch_size, seed=0).indices(cfg.steps - 1)
+    student, method = make(_TeacherCE, nan_grad=(2 * 5, last[3]))  # step 5 (the last), micro-batch 1
+    updates = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or adamw_step(self, *a, **k))
+    with pytest.raises(NonFiniteGradientError, match=re.escape(f"at step 5: micro-batch 1 (segments {last[2:]}")):
+        train(student, method, data, cfg, tmp_path, seed=0, teacher=teacher, progress=False)
+    # Steps 0-4 were applied, step 5 was not; the weights stay finite and the checkpoint is step 4's.
+    assert len(updates) == 5
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert torch.load(checkpoint_path(tmp_path), weights_only=True)["counters"]["optimizer_steps"] == 4
 
 
 def test_nan_loss_stops_with_step_and_batch(setup, tmp_path):

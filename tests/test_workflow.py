@@ -84,3 +84,26 @@ def test_invalid_config_fails_before_any_job(tmp_path, run_snakemake):
     result = run_snakemake(tmp_path, "-n", "--configfile", str(bad))
     assert result.returncode != 0
     assert "distill.train.stpes" in result.stdout + result.stderr
+
+
+def shell_commands(rules: Path) -> list[str]:
+    """The (unformatted) shell command lines of a rules file: the lines after each ``shell:``."""
+    commands, inside = [], False
+    for line in rules.read_text().splitlines():
+        text = line.strip()
+        inside = text.startswith("shell:") or (inside and text.startswith(('"', "+ ", "ctdbench_command")))
+        commands += [text] if inside else []
+    return commands
+
+
+def test_rule_commands_quote_every_path():
+    """Config text reaches a shell command only as shell-quoted JSON (``as_arg``) or inside a
+    path, and every path placeholder of a rule's command is quoted (``:q``)."""
+    import re
+
+    placeholder = re.compile(r"\{([^{}]+)\}")
+    trusted = {"params.spec", "params.cache", "threads", "resources.gpu"}  # quoted JSON, quoted option, numbers
+    found = [p for rules in (REPO / "workflows" / "rules").glob("*.smk") for c in shell_commands(rules)
+             for p in placeholder.findall(c)]
+    assert len(found) > 40 and "params.spec" in found
+    assert [p for p in found if p not in trusted and not p.endswith(":q")] == []

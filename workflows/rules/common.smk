@@ -1,5 +1,6 @@
 # Helpers shared by the rules: paths, target lists and per-job specs. No rules here.
 import json
+import re
 import shlex
 
 from snakemake.exceptions import WorkflowError
@@ -16,16 +17,21 @@ METHODS = sorted({m for p in PAIRS for m in pair_methods(config, p)})
 SEEDS = config["run"]["seeds"]
 RUN = RESULTS + "/{pair}/{method}/seed{seed}"
 
+# Names are validated safe words (ctdbench.config); escaped, '.' and '+' match only themselves.
 wildcard_constraints:
-    pair="|".join(PAIRS),
-    method="|".join(m.replace("+", r"\+") for m in METHODS),
+    pair="|".join(map(re.escape, PAIRS)),
+    method="|".join(map(re.escape, METHODS)),
     seed=r"\d+",
-    teacher="|".join(config["teachers"]),
-    tokenizer="|".join(config["tokenizers"]),
+    teacher="|".join(map(re.escape, config["teachers"])),
+    tokenizer="|".join(map(re.escape, config["tokenizers"])),
 
 
 def as_arg(obj):
-    """A spec as one shell-quoted JSON argument (params: Snakemake reruns a job when it changes)."""
+    """A spec as one shell-quoted JSON argument (params: Snakemake reruns a job when it changes).
+
+    Config text reaches a shell command only this way or as a validated name inside a path, and
+    every path in a command is quoted (``{...:q}``).
+    """
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 

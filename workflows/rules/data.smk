@@ -14,7 +14,7 @@ rule corpus:
     benchmark:
         f"{BENCH}/corpus.tsv"
     shell:
-        "ctdbench corpus --spec {params.spec} --out {RESULTS}/data --cache resources --root {workflow.basedir} > {log} 2>&1"
+        "ctdbench corpus --spec {params.spec} --out {RESULTS:q}/data --cache resources --root {workflow.basedir:q} > {log:q} 2>&1"
 
 
 rule eval_data:
@@ -30,4 +30,4 @@ rule eval_data:
     benchmark:
         f"{BENCH}/eval_data.tsv"
     shell:
-        "ctdbench eval-data --spec {params.spec} --data {RESULTS}/data --out {RESULTS}/data/eval > {log} 2>&1"
+        "ctdbench eval-data --spec {params.spec} --data {RESULTS:q}/data --out {RESULTS:q}/data/eval > {log:q} 2>&1"

@@ -19,8 +19,8 @@ rule teacher_cache:
     benchmark:
         f"{BENCH}/teacher_cache_{{teacher}}.tsv"
     shell:
-        "ctdbench teacher-cache --spec {params.spec} --data {RESULTS}/data --teacher {params.teacher_dir}"
-        " --tokenizer {input.tokenizer} --out {output} --threads {threads} > {log} 2>&1"
+        "ctdbench teacher-cache --spec {params.spec} --data {RESULTS:q}/data --teacher {params.teacher_dir:q}"
+        " --tokenizer {input.tokenizer:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule mined_map:
@@ -36,8 +36,8 @@ rule mined_map:
     benchmark:
         f"{BENCH}/mined_map_{{pair}}.tsv"
     shell:
-        "python -m methods.mined --teacher-tokenizer {input.teacher_tokenizer}"
-        " --student-tokenizer {input.student_tokenizer} --map-path {output.map} --receipt {output.receipt} > {log} 2>&1"
+        "python -m methods.mined --teacher-tokenizer {input.teacher_tokenizer:q}"
+        " --student-tokenizer {input.student_tokenizer:q} --map-path {output.map:q} --receipt {output.receipt:q} > {log:q} 2>&1"
 
 
 rule distill:
@@ -57,7 +57,7 @@ rule distill:
         spec=lambda w: as_arg(ctd_specs.distill_spec(config, w.pair, w.method, w.seed)),
         out=RUN,
         teacher_dir=lambda w: f"{RESULTS}/teachers/{teacher_of(w.pair)}",
-        cache=lambda w, input: f"--teacher-cache {input.cache[0]}" if input.cache else "",
+        cache=lambda w, input: f"--teacher-cache {shlex.quote(input.cache[0])}" if input.cache else "",
     threads: config["distill"]["threads"]
     resources:
         gpu=job_gpus(),
@@ -67,6 +67,6 @@ rule distill:
         f"{BENCH}/distill/{{pair}}/{{method}}/seed{{seed}}.tsv"
     shell:
         ctdbench_command(config["gpus_per_run"] > 1)
-        + " distill --spec {params.spec} --data {RESULTS}/data --teacher {params.teacher_dir}"
-        " --teacher-tokenizer {input.teacher_tokenizer} --student-tokenizer {input.student_tokenizer}"
-        " --out {params.out} --threads {threads} {params.cache} > {log} 2>&1"
+        + " distill --spec {params.spec} --data {RESULTS:q}/data --teacher {params.teacher_dir:q}"
+        " --teacher-tokenizer {input.teacher_tokenizer:q} --student-tokenizer {input.student_tokenizer:q}"
+        " --out {params.out:q} --threads {threads} {params.cache} > {log:q} 2>&1"

@@ -18,8 +18,8 @@ rule evaluate_student:
     benchmark:
         f"{BENCH}/evaluate/{{pair}}/{{method}}/seed{{seed}}.tsv"
     shell:
-        "ctdbench evaluate --spec {params.spec} --model {input.model} --data {RESULTS}/data/eval"
-        " --teacher {input.teacher} --out {output} --threads {threads} > {log} 2>&1"
+        "ctdbench evaluate --spec {params.spec} --model {input.model:q} --data {RESULTS:q}/data/eval"
+        " --teacher {input.teacher:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_teacher:
@@ -38,5 +38,5 @@ rule evaluate_teacher:
     benchmark:
         f"{BENCH}/evaluate/teacher_{{teacher}}.tsv"
     shell:
-        "ctdbench evaluate --spec {params.spec} --model {input.model} --data {RESULTS}/data/eval"
-        " --out {output} --threads {threads} > {log} 2>&1"
+        "ctdbench evaluate --spec {params.spec} --model {input.model:q} --data {RESULTS:q}/data/eval"
+        " --out {output:q} --threads {threads} > {log:q} 2>&1"

@@ -13,7 +13,7 @@ rule tokenizer:
     benchmark:
         f"{BENCH}/tokenizer_{{tokenizer}}.tsv"
     shell:
-        "ctdbench tokenizer --spec {params.spec} --train {input} --out {output} > {log} 2>&1"
+        "ctdbench tokenizer --spec {params.spec} --train {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule teacher:
@@ -36,5 +36,5 @@ rule teacher:
         f"{BENCH}/teacher_{{teacher}}.tsv"
     shell:
         ctdbench_command(config["gpus_per_run"] > 1 and any(t in trained_teachers(config) for t in used_teachers()))
-        + " teacher --spec {params.spec} --data {RESULTS}/data --tokenizer {input.tokenizer}"
-        " --out {params.out} --threads {threads} > {log} 2>&1"
+        + " teacher --spec {params.spec} --data {RESULTS:q}/data --tokenizer {input.tokenizer:q}"
+        " --out {params.out:q} --threads {threads} > {log:q} 2>&1"

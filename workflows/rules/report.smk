@@ -20,11 +20,11 @@ rule summary:
     benchmark:
         f"{BENCH}/summary.tsv"
     shell:
-        "ctdbench report {RESULTS} > {log} 2>&1"
+        "ctdbench report {RESULTS:q} > {log:q} 2>&1"
 
 
 rule plots:
     log:
         f"{LOGS}/plots.log",
     shell:
-        "ctdbench report {RESULTS} 2>&1 | tee {log}"
+        "ctdbench report {RESULTS:q} 2>&1 | tee {log:q}"
