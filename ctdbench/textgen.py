@@ -12,6 +12,7 @@ from every plane, and a mix of all of them.
 from __future__ import annotations
 
 import random
+import unicodedata
 
 WORDS = ("the of and to in is that it was for on are with as his they at be this from have or by one had not "
          "but what all were when we there can an your which their said if do will each about how up out them "
@@ -132,13 +133,15 @@ def varied_texts(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def whitespace_free(rng: random.Random, n_bytes: int, kind: str = "cjk") -> str:
-    """A text of about ``n_bytes`` UTF-8 bytes without any whitespace: one long pretoken for the
-    regex families (CJK, letters, digits or emoji)."""
+    """A text of about ``n_bytes`` UTF-8 bytes without any whitespace or combining mark (NFC leaves
+    it as it is): one long pretoken for the regex families (CJK, letters, digits or emoji)."""
     make = {"cjk": lambda: _pick(rng, _CJK[:4]), "letters": lambda: rng.choice("abcdefghijklmnopqrstuvwxyzé"),
             "digits": lambda: rng.choice("0123456789"), "emoji": lambda: _pick(rng, _EMOJI)}[kind]
     out, size = [], 0
     while size < n_bytes:
         c = make()
+        if unicodedata.combining(c):  # kana voicing marks would compose under NFC
+            continue
         out.append(c)
         size += len(c.encode("utf-8"))
     return "".join(out)
