@@ -1,10 +1,11 @@
 """Teacher next-token distributions -> next-byte distributions (the teacher side of BLD).
 
-Notation (bld.md §3): the text's bytes x; the teacher's tokens u_0..u_{M-1} with byte spans
+Notation: the text's bytes x; the teacher's tokens u_0..u_{M-1} with byte spans
 [st_k, en_k); p_k = exp(row k of ``logprobs``) = p_T(. | u_<k). Byte a lies in token k at offset
 o = a - st_k. R(q) is the set of vocabulary entries whose bytes start with the byte string q.
 
-Mode ``a0`` (one teacher token, "Marginalize-It", bld.md §3.2), for q = x[st_k : a]:
+Mode ``a0`` (one teacher token: the prefix marginal of the token that contains the byte, with
+ended tokens dropped, "Marginalize-It" of Marathe et al., arXiv 2609.12303), for q = x[st_k : a]:
 
     N_a(b) = sum_{v in R(q + b)} p_k(v)          P_a(b) = N_a(b) / sum_b' N_a(b')
 
@@ -12,18 +13,22 @@ The normaliser is the mass of the entries that start with q and are longer than 
 to q (a token that would end exactly at a) is dropped and the rest renormalised. Duplicate byte
 strings (a piece and its byte-fallback twin) are separate entries, so their masses add up.
 
-Mode ``a1`` (bld.md §3.3) also counts covers whose last token starts at an earlier teacher
-boundary of the same pretoken. With k0 the first token of the pretoken containing token k:
+Mode ``a1`` also counts covers whose last token starts at an earlier teacher boundary of the
+same pretoken. With k0 the first token of the pretoken containing token k:
 
     N_a(b) = sum_{k'=k0..k} w(k') * sum_{v in R(x[st_k' : a] + b)} p_k'(v)
     w(k') = prod_{i=k0..k'-1} p_i(u_i)                                   (w(k0) = 1)
 
 Each term is the joint probability of the cover "teacher tokens u_k0..u_{k'-1}, then one token
 v that spans byte a", divided by the common factor P(u_<k0), so the sum is a prefix probability
-and N_a / sum_b N_a is the next-byte conditional over these covers. (bld.md §3.3 writes the weight
-as prod_{i=k'..k-1} p_i(u_i), which is the inverse of the correct ratio w(k') / w(k): a cover that
+and N_a / sum_b N_a is the next-byte conditional over these covers. (A weight written as
+prod_{i=k'..k-1} p_i(u_i) would be the inverse of the correct ratio w(k') / w(k): a cover that
 leaves the teacher's path earlier has skipped those tokens' probabilities, it is not charged them.)
-Weights are formed in float64 log space from the logprobs, so they do not underflow with p.
+The weights are products over the pretoken so far, which in a long whitespace-free run (CJK, code,
+URLs) fall below float64's range (log w < -708). So they are taken relative to a reference per
+output row, ref(a) = the largest log w(k') among the row's terms with positive mass: every term of
+row a is multiplied by exp(-ref(a)), which the row's normalisation cancels; one term then has weight
+1, so every row whose conditional is defined sums to 1, at any segment length.
 
 Pretoken rule: token k starts a new pretoken when it is the first token, when it or its
 predecessor carries no bytes (a special token), or when its first byte is one of
@@ -39,14 +44,15 @@ symbols. Other byte-less ids (unlisted specials, padding) are dropped and renorm
 Masking: a row whose normaliser is 0 (no entry with positive probability extends the prefix) is
 all zeros, never NaN: ``out.sum(-1) > 0`` is the validity mask.
 
-Algorithm (bld.md §3.1-3.2). Once per vocabulary (``VocabByteIndex.build``): the entries with
+Algorithm. Once per vocabulary (``VocabByteIndex.build``): the entries with
 bytes sorted lexicographically, so R(q) is a contiguous range [lo, hi) of that order; the byte
 trie of all their prefixes, nodes numbered breadth-first so that the children of a node are a
 contiguous run of node ids (CSR), each node with its range and its last byte; the ragged table
 path[v][o] = node of the first o bytes of entry v (o = 0..len(v)). Per call, for a chunk of
 teacher rows: P = exp(logprobs[rows][:, order]), C = cumsum(P) in float64 (masses are differences
 of values near 1.0, which float32 would cancel), and every needed range mass is one difference
-C[hi-1] - C[lo-1]. Byte row a needs the children of node(a) = path[u_k][o] from row k (plus, in
+C[hi-1] - C[lo-1] (exact to ~1e-16 absolute: the conditional after a prefix of mass below
+~1e-10 in its row is exact to ~1e-16 / mass relative only). Byte row a needs the children of node(a) = path[u_k][o] from row k (plus, in
 a1, the children of the trie nodes reached by walking x[st_k' : a] from row k'). Cost per teacher
 row: one gather, one exp and one float64 cumsum over V (memory-bound, about 3 passes over the
 row), plus O(children) gathers per byte: up to 256 at o = 0, a handful deeper. a1 adds W walks per
@@ -335,11 +341,11 @@ def _convert(lp: Tensor, rows: Tensor, ids: Tensor, first: Tensor | None, ix: Vo
     # Entries (byte a, row k, node) below the root: a0's bytes at offsets o > 0, and a1's walks.
     deep = (o > 0).nonzero().squeeze(1)
     e_a, e_k, e_node = deep, k_of[deep], ix.path_node[flat[deep]]
-    tok_w = None  # a1: the weight w(k) of every row k's terms (module docstring)
+    log_w = None  # a1: log w(k) of every row k's terms (module docstring)
     if mode == "a1":
         pretoken = _pretoken_ids(ids, first, ix, tok_len)
         true = lp[rows, ids]
-        tok_w = _cover_weights(true.double().log() if is_probs else true, pretoken)
+        log_w = _cover_log_weights(true.double().log() if is_probs else true, pretoken)
         walk = _walk_entries(ix, pretoken, tok_len, start, k_of, ids, ix.tok_byte[flat])
         if walk is not None:
             e_a, e_k, e_node = (torch.cat(pair) for pair in zip((e_a, e_k, e_node), walk))
@@ -385,20 +391,21 @@ def _convert(lp: Tensor, rows: Tensor, ids: Tensor, first: Tensor | None, ix: Vo
     # Clamp: a parallel (CUDA) scan need not be monotone.
     root_mass.clamp_(min=0)
     mass.clamp_(min=0)
-    if tok_w is not None:
-        mass *= tok_w[c_k]
-        root_mass *= tok_w[:, None]
-    num = torch.zeros(n, n_sym, dtype=torch.float64, device=device)
-    num[at_root[:, None], ix.node_byte[root_kids][None, :]] = root_mass[k_of[at_root]]
-    num.view(-1).index_add_(0, e_a[entry] * n_sym + ix.node_byte[child], mass)
-
+    root = root_mass[k_of[at_root]]  # [bytes at o = 0, first bytes]
     if len(specials):
         # Specials only at the first byte of a token, from that token's own row.
-        sp_rows = rows[k_of[at_root]]
-        sp = lp[sp_rows[:, None], specials[None, :]].to(dtype)
-        num[at_root, 256:] = (sp if is_probs else sp.exp()).double()
-        if tok_w is not None:
-            num[at_root, 256:] *= tok_w[k_of[at_root], None]
+        sp = lp[rows[k_of[at_root]][:, None], specials[None, :]].to(dtype)
+        root = torch.cat([root, (sp if is_probs else sp.exp()).double()], 1)
+    if log_w is not None:
+        w_entry, w_root = _relative_weights(log_w, n, e_a, e_k, entry, mass, at_root, k_of[at_root], root)
+        mass *= w_entry[entry]
+        root *= w_root[:, None]
+    num = torch.zeros(n, n_sym, dtype=torch.float64, device=device)
+    root_cols = ix.node_byte[root_kids]
+    if len(specials):
+        root_cols = torch.cat([root_cols, torch.arange(256, n_sym, device=device)])
+    num[at_root[:, None], root_cols[None, :]] = root
+    num.view(-1).index_add_(0, e_a[entry] * n_sym + ix.node_byte[child], mass)
     # Masked rows are all zero and stay so: 0 / tiny = 0.
     return num.div_(num.sum(1, keepdim=True).clamp_(min=torch.finfo(torch.float64).tiny)).to(dtype)
 
@@ -416,18 +423,54 @@ def _pretoken_ids(ids, first, ix, tok_len):
     return torch.cumsum(starts.long(), 0) - 1
 
 
-def _cover_weights(true_logprobs, pretoken):
-    """[M] float64 w(k) = prod of p_i(u_i) over the tokens i of k's pretoken before k.
+def _cover_log_weights(true_logprobs, pretoken):
+    """[M] float64 log w(k) = sum of log p_i(u_i) over the tokens i of k's pretoken before k.
 
-    A running float64 sum of log p_i(u_i) minus its value at the pretoken's first token; log
-    probabilities are floored at -1e4 (p = 0 in float64 anyway) so that -inf cannot make NaN.
+    A running float64 sum minus its value at the pretoken's first token. A token the teacher
+    gives probability 0 (log p = -inf, e.g. outside a top-k cache) makes w = 0 for every later
+    start of its pretoken: counted apart, so that -inf - -inf cannot make NaN.
     """
-    lt = true_logprobs.double().clamp(min=-1e4)
-    before = torch.cumsum(lt, 0) - lt  # sum over i < k
+    lt = true_logprobs.double()
+    zero = torch.isneginf(lt)
+    lt = lt.masked_fill(zero, 0.0)
     first = torch.ones_like(pretoken, dtype=torch.bool)
     first[1:] = pretoken[1:] != pretoken[:-1]
-    at_first = before[first]  # one value per pretoken, pretokens numbered 0, 1, ...
-    return (before - at_first[pretoken]).exp()
+    out = []
+    for x in (lt, zero.double()):
+        before = torch.cumsum(x, 0) - x  # sum over i < k
+        out.append(before - before[first][pretoken])  # one value per pretoken, numbered 0, 1, ...
+    log_w, zeros = out
+    return log_w.masked_fill(zeros > 0, -torch.inf)
+
+
+def _relative_weights(log_w, n, e_a, e_k, entry, mass, at_root, root_k, root):
+    """a1's cover weights relative to a reference per output row: (per entry, per byte at o = 0).
+
+    Absolute weights are products over the pretoken so far and underflow float64 in a long
+    whitespace-free run (CJK, code, URLs: below log w = -708 every weight is 0). Every weight of a
+    row is divided by the same factor exp(ref(a)), which the row's normalisation cancels, with
+    ref(a) the largest log w(k') among the row's terms that carry mass. That term gets weight 1,
+    so a row with any positive term has a positive sum; the others are at most 1, and a term
+    small enough to underflow now is negligible beside it (masses come from float32
+    probabilities, >= 1e-45, so a term that matters has a relative weight >= ~1e-45 too).
+
+    Args:
+        log_w: [M] log w(k) of every row (-inf: weight 0).
+        n: number of output rows (bytes).
+        e_a, e_k: [E] output row and teacher row of every entry below the root.
+        entry, mass: [C] entry and unweighted mass of every child contribution.
+        at_root, root_k: [R] output rows at offset 0 and their teacher rows.
+        root: [R, S] their unweighted masses (first bytes and specials).
+    """
+    carries = torch.zeros(len(e_a), dtype=torch.float64, device=mass.device).index_add_(0, entry, mass) > 0
+    rows_of = torch.cat([e_a, at_root])
+    lw = torch.cat([log_w[e_k], log_w[root_k]])
+    live = torch.cat([carries, root.sum(1) > 0]) & (lw > -torch.inf)
+    ref = torch.full((n,), -torch.inf, dtype=torch.float64, device=mass.device)
+    ref.scatter_reduce_(0, rows_of[live], lw[live], reduce="amax")
+    ref = ref.masked_fill(torch.isneginf(ref), 0.0)  # rows without a live term: all zero anyway
+    w = (lw - ref[rows_of]).exp()
+    return w[: len(e_a)], w[len(e_a):]
 
 
 def _walk_entries(ix, pretoken, tok_len, start, k_of, ids, x):

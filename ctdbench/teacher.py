@@ -8,8 +8,8 @@ every method and seed reuses one teacher pass. It is memory-mapped, so parallel 
 in the page cache. Two layouts:
 
 - full (``cache.pt``): the next-token logits over the whole vocabulary in float16 and the last
-  hidden state. Exact (calibration: top-k truncation loses ~40% of the KD effect on the default
-  setting), but rows x V x 2 bytes only fit small vocabularies and corpora.
+  hidden state. Exact (a top-64 truncation kept only ~60% of the KD effect in a measurement on a
+  setting like the default), but rows x V x 2 bytes only fit small vocabularies and corpora.
 - top-k (``*.npy``, ``top_k`` in ``meta.json``): per position the k largest log-softmax values
   (float16) and their ids (int32), plus the log-probability of the observed next token, and the
   last hidden state only when a method of the config reads it. About rows x (6k + 2) bytes, which

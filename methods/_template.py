@@ -34,8 +34,10 @@ class MyMethod(DistillationMethod):
         return {}
 
     def loss(self, batch, student_out, teacher_out):
+        # Every term counts the training targets only: ``student_loss_mask`` (and the teacher's
+        # ``teacher_loss_mask``), not the attention mask, which also covers chat prompts.
         ce = token_cross_entropy(
-            student_out.logits, batch["student_input_ids"], batch["student_attention_mask"]
+            student_out.logits, batch["student_input_ids"], batch["student_loss_mask"]
         )
-        distill = ce.new_zeros(())  # replace with the method's divergence
+        distill = ce.new_zeros(())  # replace with the method's divergence, under the same masks
         return ce + self.weight * distill, {"ce": ce.item(), "distill": distill.item()}

@@ -3,7 +3,7 @@
 Reimplemented in PyTorch from tokenkit (bminixhofer/tokenkit @ bcacdef43f,
 ``tokenkit/training/losses.py::compute_alm_loss``), in its recommended configuration
 (``losses=[sft, alm_unconstrained]``, ``alm_mode=merge_by_space_prob+append_space``, threshold 0.1,
-``binary_ce``, tau 100, numerator = denominator = chunk count). Shared notes: baselines.md §2.
+``binary_ce``, tau 100, numerator = denominator = chunk count).
 
 Chunks c are the finest spans where both tokenizations cover the same bytes (``ctdbench.align``).
 With l_T, l_S the log-softmax of each model (fp32, clipped at 0):
@@ -28,7 +28,8 @@ Deviations from tokenkit:
     - The mean is over valid chunks of the micro-batch, not of the global batch under gradient
       accumulation (identical when grad_accum = 1, the default).
     - Alignment comes from byte spans of the same text (our data pipeline) instead of
-      byteified token strings; the chunks are the same (special tokens belong to no chunk).
+      byteified token strings; the chunks are the same: special tokens belong to no chunk, a bare
+      SentencePiece dummy-prefix token joins the first chunk.
     - tokenkit drops chunks whose strings mismatch with a warning; here both sides always spell
       the same bytes by construction, and a mismatch is an error.
 """
@@ -57,12 +58,18 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def chunk_ids(examples) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token chunk index of each side (-1 = in no chunk): ([B, Lt], [B, Ls])."""
+def chunk_ids(examples, teacher_special: np.ndarray, student_special: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token chunk index of each side (-1 = in no chunk): ([B, Lt], [B, Ls]).
+
+    Every token with bytes takes part, so a bare SentencePiece dummy prefix (an empty span in
+    the text) joins the first chunk, as in tokenkit; special tokens (``*_special``: [V] bool, the
+    ids without bytes) belong to no chunk.
+    """
     widths = max(len(e.teacher.ids) for e in examples), max(len(e.student.ids) for e in examples)
     ids = [np.full((len(examples), w), -1, dtype=np.int64) for w in widths]
     for b, ex in enumerate(examples):
-        found = target_chunks(span_chunks(ex.teacher, ex.student), ex.teacher.loss, ex.student.loss)
+        found = target_chunks(span_chunks(ex.teacher, ex.student, ~teacher_special[ex.teacher.ids],
+                                          ~student_special[ex.student.ids]), ex.teacher.loss, ex.student.loss)
         for side, (out, width) in enumerate(zip(ids, widths)):
             out[b] = chunk_index(found, width, side)
     return torch.from_numpy(ids[0]), torch.from_numpy(ids[1])
@@ -157,9 +164,10 @@ class ALM(DistillationMethod):
         self.sft, self.tau, self.threshold, self.gradmag = sft, tau, threshold, gradmag
         self.register_buffer("space_t", space_mask(ctx.teacher_token_bytes), persistent=False)
         self.register_buffer("space_s", space_mask(ctx.student_token_bytes), persistent=False)
+        self._special = [np.array([b is None for b in t]) for t in (ctx.teacher_token_bytes, ctx.student_token_bytes)]
 
     def prepare(self, examples):
-        ct, cs = chunk_ids(examples)
+        ct, cs = chunk_ids(examples, *self._special)
         return {"alm_chunk_teacher": ct, "alm_chunk_student": cs}
 
     def loss(self, batch, student_out, teacher_out):

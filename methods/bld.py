@@ -1,19 +1,23 @@
 """BLD: Byte-Level Distillation (Singh, Wu, Cioba, Bernacchia, Buffelli; arXiv 2604.07466).
 
-No official code exists; this follows the paper and the secondary sources collected in the
-project's research notes (shared/reference/bld.md §1.3-1.4, §3-4).
+No official code exists. This follows the paper's abstract and, for what it leaves open, a
+public third-party reimplementation that quotes the paper's equations and tables
+(nktkt/hf-paper-lens, ``implementations/bld/bld.py``: the loss of Eq. 5 with lambda_b = 1.0 and
+lambda_kl = 0.1 from Table 4, forward KL, 10 parallel byte heads over 260 symbols).
 
 The teacher's next-token distributions are converted into next-byte distributions
 (``ctdbench.byteprob``). A byte head on the student's final hidden state predicts, from the
 position that predicts student token t_l, each of the first J bytes of t_l; distillation goes
-through that shared byte interface. For every student token l with n_l bytes:
+through that shared byte interface. For every student token l that is a training target (the
+loss mask: every real token of plain text, the assistant turns of chat data), with n_l bytes:
 
     L = CE(t_l | token head)
       + lambda_b  * mean_{l, j < min(n_l, J)} CE(b_lj | byte head j)
       + lambda_kl * mean_{l, j < min(n_l, J)} KL(P_T(b_lj | all bytes before) || q_S(. | l, j))
 
 with J = 10, byte vocabulary S = 256 + n_special (260), lambda_b = 1.0, lambda_kl = 0.1,
-temperature 1 (applied to the teacher's token logits before the conversion, bld.md §3.6).
+temperature 1 (applied to the teacher's token logits before the conversion: a temperature on
+the byte distributions would be a different thing).
 
 Heads (``head``):
     linear       J parallel heads as one Linear(d, J * S), the paper's head. Head j cannot see
@@ -26,9 +30,10 @@ Heads (``head``):
 The head trains with the student (in the method's own parameter group) and is dropped with the
 method: the saved student is a plain Hugging Face model.
 
-Deviations and choices where the sources are silent (bld.md §5):
-    - Conversion ``a1`` by default (bld.md §3.3's recommendation, with its weights corrected, see
-      ``ctdbench.byteprob``); ``conversion: a0`` gives the paper's "Marginalize-It" reading.
+Deviations and choices where the sources are silent (temperature, conversion, reductions):
+    - Conversion ``a1`` by default (covers that start at earlier teacher boundaries of the same
+      pretoken as well, see ``ctdbench.byteprob``); ``conversion: a0`` gives the one-token
+      "Marginalize-It" reading.
     - Byte CE and KL are means over the valid byte slots of the micro-batch, the token CE is the
       mean over tokens. Slots whose teacher distribution is masked (zero denominator) leave the KL
       only; ``kl_coverage`` logs the fraction that remain.

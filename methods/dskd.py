@@ -5,36 +5,38 @@ Models" (EMNLP 2024, arXiv 2406.17328). Reimplemented from songmzhang/DSKD @ 077
 ``code/criterions/dual_space_kd_with_cross_model_attention.py``, ``various_divergence.py``,
 ``code/distiller.py``, ``configs/projector_config.json`` and ``scripts/*/dskd_cma_*.sh``
 (kd_rate 0.5, kd_temperature 2.0, teacher_temperature 1.0, forward KL, projector lr 1e-3).
-Shared notes: baselines.md §5.1.
 
 Positions are the HF-shifted ones: student position i reads x_i and predicts y_i = x_{i+1}
-(likewise j on the teacher side); m_S, m_T mark real targets. E_S, E_T are the input embedding
-tables, W_S, W_T the LM heads (frozen here: detached), h_S, h_T the final hidden states.
+(likewise j on the teacher side); m_S, m_T mark the positions whose y is a training target (the
+loss mask: every real token of plain text, the assistant turns of chat data, as the official
+label -100 masks the prompt). E_S, E_T are the input embedding tables, W_S, W_T the LM heads
+(frozen here: detached), h_S, h_T the final hidden states.
 
     Q     = W_q [E_S(x_S); E_S(y_S)]                                  query   Linear(2 d_S -> 2 d_T)
-    K     = [E_T(x_T); E_T(y_T)] / std(.)                             (scalar std)
+    K     = [E_T(x_T); E_T(y_T)] / std(.)                             (scalar std over m_T's rows)
     V_t2s = W_t2s (h_T / std(h_T) + E_T(y_T) / std(E_T(y_T)))         t2s     Linear(d_T -> d_S)
     V_s2t = W_s2t h_S                                                 s2t     Linear(d_S -> d_T)
     A     = Q K^T / sqrt(2 d_T) - 1e5 (1 - m_S m_T^T)                 [B, L_S, L_T]
     t2s   = (softmax(A) V_t2s) W_S^T           s2t = (softmax(A^T) V_s2t) W_T^T
     acc_i = [argmax t2s_i = y_i]
     KD    = sum_{m_S} CE(t2s, y_S)                                    trains the projectors
-          + sum_{m_S, acc} KL(t2s.detach() / T || z_S / T)            teacher -> student space
+          + sum_{m_S, acc} KL(t2s.detach() / (T T_t) || z_S / T)      teacher -> student space
           + sum_{m_T} KL(z_T / T || s2t / T)                          student -> teacher space
     L     = (1 - kd_rate) CE(z_S, y_S) + kd_rate KD / N_S,  N_S = number of student targets
 
-Every sum is divided by the student's target count, as the official loss_denom (the s2t sum
-over teacher positions included). No T^2 factor. The projectors are this module's submodules:
-they train with the student at their own learning rate (``param_groups``) and are never saved
-into the student checkpoint. ``needs_teacher_hidden_states``: a cached teacher provides its last
+with T = 2.0 and the teacher temperature T_t = 1.0. Every sum is divided by the student's target
+count, as the official loss_denom (the s2t sum over teacher positions included). No T^2 factor.
+The projectors are this module's submodules: they train with the student at their own learning
+rate (``param_groups``) and are never saved into the student checkpoint. ``needs_teacher_hidden_states``: a cached teacher provides its last
 hidden state; the embeddings and LM head come from the frozen teacher model in the context.
 
 Deviations from the official code (each with the reason):
-    - The three standard deviations are taken over real (non-padding) positions only; the
-      official code takes them over the whole padded tensor (pad ids replaced by 0). Reason: the
-      loss of an example then does not depend on how much padding its batch has, and a cached
-      teacher (zeros at padded positions) gives the same loss as the online one.
-    - Every non-padding token is a target (no prompt/response split in our data).
+    - The three standard deviations are taken over the teacher's target positions only (m_T: with
+      a prompt mask, not the prompt's rows); the official code takes them over the whole padded
+      tensor, whose non-target ids (padding and prompt) it has replaced by 0. Reason: the loss of
+      an example then does not depend on how much padding its batch has, and a cached teacher
+      (zeros at padded positions) gives the same loss as the online one. On plain text without
+      padding the two agree.
     - The sums are divided by the micro-batch's student target count, not the global batch's
       (identical for grad_accum = 1, the default).
     - CE, argmax and KL are evaluated only at rows with a real target (the official code

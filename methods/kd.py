@@ -3,14 +3,15 @@
 Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (arXiv 1503.02531), in the
 form of DSKD's vanilla-KD baseline: songmzhang/DSKD @ 077337ac98, ``code/criterions/
 various_divergence.py`` (``kd_objective=forward_kl``) with ``scripts/*/vanilla_kd_*.sh``
-(kd_rate 0.5, kd_temperature 2.0, teacher_temperature 1.0). Shared notes: baselines.md §1, §5, §9.
+(kd_rate 0.5, kd_temperature 2.0, teacher_temperature 1.0).
 
 It only applies when the student uses the teacher's tokenizer (same ids, same bytes): the row
 that shows what a cross-tokenizer method could reach without the mismatch. The constructor
 refuses any other pair.
 
 With z the student's and t the teacher's logits at position i (both predict token i + 1), over
-the N positions whose target is a real token:
+the N positions whose next token is a training target (the loss mask: every real token of plain
+text, the assistant turns of chat data, as DSKD's label -100 masks the prompt):
 
     p_i = softmax(t_i / T),  log q_i = log_softmax(z_i / T)
     KL  = (1 / N) sum_i sum_v p_i(v) (log p_i(v) - log q_i(v))          (no T^2 factor)
@@ -23,8 +24,6 @@ the teacher's t / T), the log-normalisers read off them, and the gradient writte
 forward, so the backward only scales it.
 
 Deviations from the official code (each with the reason):
-    - Every non-padding token is a target (our data has no prompt/response split; DSKD masks the
-      prompt with label -100).
     - The sums are divided by the micro-batch's target count, not the global batch's under
       gradient accumulation (identical for grad_accum = 1, the default).
 """
@@ -150,7 +149,7 @@ def kd_loss(student_logits, teacher_logits, input_ids, mask, *, kd_rate: float =
 
     Args:
         student_logits / teacher_logits: [B, L, V] over the same vocabulary and tokens.
-        input_ids: [B, L]; mask: [B, L] attention mask (a target counts if it is a real token).
+        input_ids: [B, L]; mask: [B, L] loss mask (token t + 1 is a target of position t where it is 1).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"kd: student logits {tuple(student_logits.shape)} and teacher logits "

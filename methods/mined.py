@@ -4,12 +4,16 @@ From FuseLLM (Wan et al., "Knowledge Fusion of Large Language Models", ICLR 2024
 fanqiwan/FuseAI), as re-implemented by DSKD (songmzhang/DSKD @ 077337ac98,
 ``code/criterions/min_edit_dis_kld.py``, ``scripts/*/minedit_*.sh``: kd_rate 0.5, kd_temperature
 2.0) and by tokenkit (bminixhofer/tokenkit @ bcacdef43f, ``baseline_utils.compute_mined_mapping``,
-``losses.compute_baseline_mined_loss``). Shared notes: baselines.md §5.2, §9.
+``losses.compute_baseline_mined_loss``).
 
 Vocabulary map (tokenkit's direction, computed once per tokenizer pair, :func:`mined_map`):
-    map(s) = argmin over non-special teacher ids t of (Levenshtein(bytes(s), bytes(t)), t)
+    map(s) = argmin over teacher strings t of (Levenshtein(bytes(s), t), id(t))
 i.e. the exact byte match if there is one, else the nearest teacher token (ties: smallest id);
--1 for special student ids (their target logit is -1e5, as DSKD's unmapped ids).
+-1 for special student ids (their target logit is -1e5, as DSKD's unmapped ids). id(t) is the
+teacher id spelling t: a normal piece before a byte-fallback ``<0xNN>`` piece with the same byte
+(Llama-2, Mistral, Gemma hold many single bytes twice; the teacher never predicts the fallback
+twin of a byte it has a piece for, and tokenkit's byteified vocabulary gives the normal piece
+precedence), else the smallest id.
 
 Alignment (positions i of the student and j of the teacher, HF convention: logits at i predict
 token i + 1). Default ``chunks`` (tokenkit): student token i is aligned with teacher token j when
@@ -39,8 +43,10 @@ Deviations (each with the reason):
     - DTW option: the DP is vectorised (row scans with a running minimum, the path by pointer
       doubling; ties as upstream: diagonal, up, left) and costs are memoised per id pair,
       instead of a Python double loop per example; the 1:1 check is map(x_i) = x_j.
-    - Every non-padding token is a target (no prompt/response split in our data); sums are
-      divided by the micro-batch's target count (identical for grad_accum = 1).
+    - The sums are divided by the micro-batch's target count, not the global batch's under
+      gradient accumulation (identical for grad_accum = 1, the default). The targets are the
+      loss mask's tokens (all real tokens of plain text, the assistant turns of chat data), as
+      upstream's label -100 masks the prompt.
 """
 
 from __future__ import annotations
@@ -73,10 +79,13 @@ def mined_map(teacher_token_bytes: list[bytes | None], student_token_bytes: list
     Returns:
         [Vs] int64 teacher ids (-1 for special student ids), and [Vs] distances if asked.
     """
+    # One id per teacher string: a normal piece before its byte-fallback twin (the teacher never
+    # predicts the twin), else the smallest id, with which any other duplicate could only tie.
+    fallback = byte_fallback_ids(teacher_token_bytes)
     first: dict[bytes, int] = {}
     for i, b in enumerate(teacher_token_bytes):
-        if b is not None:
-            first.setdefault(b, i)  # a duplicate string can only tie with its smaller id
+        if b is not None and (b not in first or first[b] in fallback and i not in fallback):
+            first[b] = i
     out, dist = (np.full(len(student_token_bytes), -1, np.int64) for _ in range(2))
     strings, ids = list(first), np.fromiter(first.values(), np.int64, len(first))
     lens = np.array([len(s) for s in strings], np.int64)
@@ -99,6 +108,20 @@ def mined_map(teacher_token_bytes: list[bytes | None], student_token_bytes: list
             level += 1
         out[j], dist[j] = best_id, best
     return (out, dist) if return_distance else out
+
+
+def byte_fallback_ids(token_bytes: list[bytes | None]) -> range:
+    """The ids of SentencePiece's byte-fallback pieces ``<0x00>`` .. ``<0xFF>`` (empty if none).
+
+    SentencePiece stores them as 256 consecutive ids spelling the bytes 0 .. 255 in order
+    (Llama-2 and Mistral at ids 3 .. 258, Gemma at 217 .. 472, our ``sentencepiece_bpe`` at
+    2 .. 257); a byte-level BPE vocabulary orders its single bytes differently.
+    """
+    zero = [i for i, b in enumerate(token_bytes[: len(token_bytes) - 255]) if b == b"\0"]
+    for i in zero:
+        if all(token_bytes[i + k] == bytes([k]) for k in range(256)):
+            return range(i, i + 256)
+    return range(0)
 
 
 def pair_key(teacher_token_bytes, student_token_bytes) -> str:

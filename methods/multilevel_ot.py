@@ -3,15 +3,18 @@
 Cui, Wang, Wang, Song, Cao, Hu (AAAI 2025; arXiv 2412.14528). Official code: 2018cx/Multi-Level-OT
 (no licence: reimplemented, not copied), ``models/distillation_model.py::DistillationLoss`` with
 ``configs/*.py`` and ``recipes.sh``; read at @ 712cfb49ae (2026-02-04), history @ d8d298f (2025-04-20)
-and @ 77e32ae (2025-01-16). Shared notes: baselines.md §1, §3, §4, §9.
+and @ 77e32ae (2025-01-16).
 
-Positions are aligned as in ULD (target t of the student against target t of the teacher), rows of
-both sides zero-padded to L = the longest target sequence of either side in the batch. With z the
+Positions are aligned as in ULD (the row predicting the student's target t against the row
+predicting the teacher's target t; targets are the loss mask's tokens, so with a prompt the first
+rows are the last prompt tokens', where the official code's answer slice starts), rows of both
+sides zero-padded to L = the longest target sequence of either side in the batch. With z the
 logits of one position, fp32:
 
     z~ = z / (std_v(z) + 1e-4)                     (unbiased std over the vocabulary, no centring)
     P  = top_50(softmax(z~ / T))                   sorted descending, [B, L, 50]; padded rows = 0
     L_abs[b] = (1 / n_b) sum_{t < n_b} sum_k |P_S[b,t,k] - P_T[b,t,k]|,  n_b = min(targets of b)
+                                                   (0 for an example with n_b = 0, see below)
     L_log    = -(1 / (B L)) sum_{b, t < L} sum_k softmax(P_S[b,t])_k log softmax(P_T[b,t])_k
     X_b = softmax(P_T[b] / 2), Y_b = softmax(P_S[b] / 2)                  [L, 50] each
     C_b[i, j] = ||X_b[i] - Y_b[j]||_1,  K_b = exp(-C_b / 0.1)
@@ -31,18 +34,23 @@ Official-code history, and what is followed:
       (``improved_sort``; a no-op after the per-row sort, whose column sums are already
       non-increasing) and keeps 50 columns: per-position top-50 (here
       ``torch.topk``'s values, found by a numpy partition on CPU). HEAD (712cfb4)
-      comments the per-row sort out and keeps only the batch-global column order, which compares
-      teacher and student token ids by batch rank and makes the loss depend on vocabulary order.
-      We follow the paper-era behaviour: it produced the published results and keeps the method
-      vocabulary-order invariant, which is the point of ULD-style losses.
+      comments the per-row sort out and keeps only the batch-global column order: every position
+      is then compared on the batch's 50 most probable ids of each side (by summed mass), in that
+      order, instead of on its own 50 largest probabilities. That order does not depend on the
+      vocabulary's order either (permuting both vocabularies leaves HEAD's loss bit-identical).
+      We follow the paper-era code because it is the code of the published results (HEAD came more
+      than a year after the paper) and its token-level terms compare each position's own sorted
+      distributions, as ULD does.
     - Batch bug. Before d8d298f the Sinkhorn loop assigned (``=``) instead of accumulating, so only
       the last example contributed; the fix (``+=``, kept at HEAD) is followed.
     - ``DistillationModel2`` (HEAD: student labels replaced by teacher argmax text) is unused by the
       recipes and not implemented; ``f=2`` (greedy column matching) is not implemented either.
 
 Deviations (each with the reason):
-    - No prompt/response split in our data: every non-padding target is a response token (the
-      official code starts at the last prompt token; here BOS). No EOS is skipped: there is none.
+    - No EOS is skipped: our segments carry none.
+    - An example with no target on one side contributes 0 to L_abs's batch mean; the official
+      per-example mean over zero rows is NaN and turns the whole batch's loss NaN. Reason: one
+      empty example must not stop training.
     - Training data is the shared corpus, not teacher-generated answers (fixed for every method).
     - Padded rows are kept exactly as the official code has them (uniform rows after the softmax
       at T = 2, included in L_log's mean and in the Sinkhorn), but the Sinkhorn problem stores each

@@ -4,26 +4,25 @@ Official code: Nicolas-BZRD/llm-recipes @ ab6e79800d, ``models/distillation_mode
 with ``configs/distillation.py`` / ``configs/training.py`` (no licence: reimplemented, not copied).
 The aligned variant follows TRL GOLD's extended ULD (huggingface/trl @ f2cd57710a,
 ``trl/experimental/gold/gold_trainer.py::ULDLoss``, ``uld_token_merge_strategy="bayesian"``).
-Shared notes: baselines.md §1, §3, §6, §9.
 
 With p_S = softmax(z_S / T_S), p_T = softmax(z_T / T_T) the next-token distributions (fp32):
 
     sorted_l1(p, q) = sum_k |p_(k) - q_(k)|     p_(k): k-th largest entry; the smaller vocabulary is
                                                 zero-padded (the closed form of Wasserstein-1 used by ULD)
-    uld:          position t of the student against position t of the teacher, t < n_b,
-                  n_b = min(student targets, teacher targets) of example b (truncated to the shorter)
+    uld:          the row predicting the student's t-th target against the row predicting the teacher's
+                  t-th target, t < n_b, n_b = min(student targets, teacher targets) of example b
+                  (truncated to the shorter); targets are the loss mask's tokens, so with a prompt
+                  the first compared rows are the last prompt tokens', as the official code slices
     uld_aligned:  groups g = exact byte chunks (``ctdbench.align.chunks``) of the two tokenizations; inside
                   a group of tokens y_1..y_m (chain rule, GOLD "bayesian"):
                   P_g(v) = p(v | .., y_{m-1}) * prod_{i<m} max(p(y_i | .., y_{i-1}), 1e-8)
     D_b = (1 / n_b) sum_{rows of b} sorted_l1(P_S, P_T)          (n_b rows or groups of example b)
-    L   = 1.0 * CE(student) + 1.5 * mean_b D_b
+    L   = 1.0 * CE(student) + 1.5 * mean_b D_b                   (mean over the examples with n_b > 0)
 
 Registered as ``uld`` (positional, the official alignment) and ``uld_aligned`` (byte groups). Both
 use the official weights and temperatures; ``uld_aligned`` only changes the alignment.
 
 Deviations from the official code (each with the reason):
-    - No prompt/response split in our data: every non-padding target is a "response" token (the
-      official code compares only answer tokens, starting at the last prompt token; here that is BOS).
     - No position is skipped for EOS (``skip_student_eos`` is on in the official training): our
       segments carry no EOS, so skipping would drop a real target.
     - Training data is the shared corpus, not teacher-generated answers (the benchmark fixes the
@@ -31,6 +30,15 @@ Deviations from the official code (each with the reason):
     - ``uld_aligned``: GOLD's default weights are CE 0 / distillation 1; ULD's (1 / 1.5) are kept so
       the variant differs from ``uld`` in the alignment only. Groups come from exact byte chunks of
       the shared text (GOLD walks byte offsets; the groups are the same).
+    - An example without a compared row (no target on one side) is left out of the batch mean;
+      llm-recipes' mean over its zero rows is NaN, and TRL's ``ULDLoss`` counts it as a 0 in its
+      batch mean. Reason: the other examples' loss must not depend on it.
+
+Conventions of TRL (``ULDLoss`` @ f2cd57710a) that differ: its default merge strategy
+``"observed"`` slices the logits at the answer tokens' own positions, so every compared row
+(plain and grouped) is one position later than here, predicting the token after the compared one;
+``"bayesian"``, followed here, shifts the slice one position earlier, as llm-recipes does (its
+slice starts at the last prompt token, which predicts the first answer token).
 
 Implementation notes (same numbers, faster on CPU): the sort runs in numpy (exact, ~10x faster
 than ``torch.sort`` there): the student's order and sorted values come from one int64 sort of

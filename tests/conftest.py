@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import methods
 from ctdbench.corpus import read_local
 from ctdbench.data import Side
 from ctdbench.tokbytes import token_bytes
@@ -64,6 +65,19 @@ def run_snakemake():
         return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
 
     return run
+
+
+@pytest.fixture
+def method_name(request, monkeypatch):
+    """A method name parametrized with ``indirect=True``. The contract tests run for every
+    registered method and for "template": ``methods/_template.py``'s class, registered under that
+    name for this test only, so that a method copied from the template starts out passing them."""
+    if request.param == "template":
+        from methods import _template
+
+        monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+        methods.register("template")(_template.MyMethod)
+    return request.param
 
 
 @pytest.fixture(scope="session")

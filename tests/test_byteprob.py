@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ctdbench.byteprob import (
     PRETOKEN_BOUNDARY_BYTES,
@@ -28,36 +30,57 @@ ATOL = 1e-6
 
 # ---------------------------------------------------------------- naive reference
 
-def naive(logprobs, ids, table, mode="a0", special_ids=(), rows=None):
-    """The definitions of a0 / a1 as plain loops over bytes, earlier starts and the vocabulary."""
-    p = logprobs.double().exp().numpy()
+def extensions(table):
+    """R(q) of every prefix q: q -> (ids, next byte) of the entries that start with q and are longer."""
+    ext = {}
+    for v, tb in enumerate(table):
+        for o in range(len(tb or b"")):
+            ext.setdefault(tb[:o], []).append((v, tb[o]))
+    return {q: tuple(np.array(c) for c in zip(*pairs)) for q, pairs in ext.items()}
+
+
+def naive(logprobs, ids, table, mode="a0", special_ids=(), rows=None, ext=None):
+    """The definitions of a0 / a1 as plain loops over bytes and earlier starts, in float64 log space:
+    log N_a(b) = logsumexp over covers of (log w(k') + log sum_{v in R(q + b)} p_k'(v)), P_a = N_a / sum_b N_a.
+    A start k' whose q = x[st_k' : a] no entry extends adds nothing, so the loop over k' stops at the
+    longest entry."""
+    lp = logprobs.double().numpy()
     ids = [int(u) for u in ids]
+    ext = extensions(table) if ext is None else ext
+    longest = max(len(b or b"") for b in table)
     pieces = [table[u] or b"" for u in ids]
     x = b"".join(pieces)
     starts = np.cumsum([0] + [len(b) for b in pieces])[:-1].tolist()
     token_of = [k for k, b in enumerate(pieces) for _ in b]
+    true = lp[np.arange(len(ids)), ids] if ids else np.zeros(0)
 
     def starts_pretoken(k):
         return k == 0 or not pieces[k] or not pieces[k - 1] or pieces[k][0] in PRETOKEN_BOUNDARY_BYTES
 
-    out = np.zeros((len(x), 256 + len(special_ids)))
+    S = 256 + len(special_ids)
+    out = np.zeros((len(x), S))
     for a in range(len(x)) if rows is None else rows:
         k = token_of[a]
         k0 = k
         while mode == "a1" and not starts_pretoken(k0):
             k0 -= 1
-        for kp in range(k0, k + 1):
-            w = math.prod(p[i, ids[i]] for i in range(k0, kp))
-            q = x[starts[kp]:a]
-            for v, tb in enumerate(table):
-                if tb and len(tb) > len(q) and tb.startswith(q):
-                    out[a, tb[len(q)]] += w * p[kp, v]
-        if a == starts[k]:
-            for j, s in enumerate(special_ids):
-                out[a, 256 + j] = math.prod(p[i, ids[i]] for i in range(k0, k)) * p[k, s]
-        total = out[a].sum()
-        if total > 0:
-            out[a] /= total
+        log_terms = []
+        for kp in range(k, k0 - 1, -1):
+            if a - starts[kp] >= longest:
+                break
+            mass = np.zeros(S)
+            if x[starts[kp]:a] in ext:
+                v, b = ext[x[starts[kp]:a]]
+                mass[:256] = np.bincount(b, weights=np.exp(lp[kp, v]), minlength=256)
+            if kp == k and a == starts[k]:
+                mass[256:] = np.exp(lp[k, list(special_ids)])
+            with np.errstate(divide="ignore"):
+                log_terms.append(true[k0:kp].sum() + np.log(mass))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_num = np.logaddexp.reduce(np.array(log_terms), axis=0)
+            total = np.logaddexp.reduce(log_num)
+        if total > -np.inf:
+            out[a] = np.exp(log_num - total)
     return out
 
 
@@ -185,6 +208,103 @@ def test_a1_adds_covers_across_teacher_boundaries():
     assert a1[2, ord("c")] == pytest.approx((2 / 343 + 1 / 7) / total)
     assert a1[2, ord("x")] == pytest.approx(1 / 49 / total)
     np.testing.assert_allclose(a1.double().numpy(), naive(lp, ids, table, "a1"), atol=ATOL)
+
+
+def assert_rows_sum_to_one_or_zero(out, defined):
+    """Every row is a distribution where the exact conditional is defined, all zero elsewhere."""
+    sums = out.double().sum(-1)
+    assert not out.isnan().any() and (out >= 0).all()
+    bad = defined & ((sums - 1).abs() > 1e-6) | ~defined & (sums != 0)
+    assert not bad.any(), f"{int(bad.sum())} of {len(out)} rows masked or partial, e.g. {bad.nonzero()[:5].flatten().tolist()}"
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 400, 4096])
+def test_a_byte_level_teacher_gets_its_own_distribution(n):
+    """Vocabulary = the 256 single bytes: every byte is a token, so both modes must return the teacher's
+    own next-token distribution, however long the whitespace-free run (a1's cover weights of a
+    400-byte run at p(actual) = 0.07 reach 0.07^400 = 1e-462, far below float64)."""
+    table = [bytes([b]) for b in range(256)]
+    x = ord("x")
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(n, 256, generator=g)
+    others = logits.clone().index_fill_(1, torch.tensor([x]), -torch.inf).logsumexp(-1)
+    logits[:, x] = others + math.log(0.07 / 0.93)  # p(actual) = 0.07
+    lp = logits.log_softmax(-1)
+    assert torch.allclose(lp[:, x].exp(), torch.full((n,), 0.07))
+    for mode in ("a0", "a1"):
+        out = next_byte_distributions(lp, [x] * n, table, mode)
+        assert_rows_sum_to_one_or_zero(out, torch.ones(n, dtype=torch.bool))
+        torch.testing.assert_close(out, lp.exp(), atol=1e-6, rtol=0)
+
+
+def cjk_vocab(V=16_000, seed=0):
+    """A large BPE-like byte table of CJK text, as byte-level BPE learns it: a special, the 256 bytes,
+    500 characters (3 bytes each) and their first 2 bytes (merges inside a character), then words of
+    2-4 characters and words with a trailing partial character."""
+    rng = random.Random(seed)
+    chars = [chr(0x4E00 + i * 7).encode() for i in range(500)]
+    entries = {c[:2] for c in chars} | set(chars)
+    while len(entries) < V - 257:
+        word = b"".join(rng.choices(chars, k=rng.randint(2, 4)))
+        entries.add(word[:-rng.choice([0, 0, 0, 1, 2])] if len(word) > 6 else word)
+    return [None] + [bytes([b]) for b in range(256)] + sorted(entries - {bytes([b]) for b in range(256)}), chars
+
+
+def random_cover(text: bytes, table, rng):
+    """A random segmentation of ``text`` into vocabulary entries (any cover will do)."""
+    by_bytes = {b: i for i, b in enumerate(table) if b}
+    longest = max(map(len, by_bytes))
+    ids, i = [], 0
+    while i < len(text):
+        n = rng.choice([n for n in range(1, min(longest, len(text) - i) + 1) if text[i:i + n] in by_bytes])
+        ids.append(by_bytes[text[i:i + n]])
+        i += n
+    return ids
+
+
+def test_a_long_cjk_segment_on_a_large_vocabulary_matches_the_definition():
+    """4 kB of whitespace-free CJK is one pretoken of ~2,000 teacher tokens: a1's covers reach back
+    to its start, and their absolute weights underflow after a few dozen tokens."""
+    table, chars = cjk_vocab()
+    rng = random.Random(1)
+    text = b"".join(rng.choices(chars, k=1366))[:4096]
+    ids = random_cover(text, table, rng)
+    lp = random_logprobs(len(ids), len(table), 7)
+    assert lp[torch.arange(len(ids)), ids].double().sum() < -5000  # w of the last start: e^-5000
+    ext = extensions(table)
+    for mode in ("a0", "a1"):
+        got = next_byte_distributions(lp, ids, table, mode, special_ids=[0])
+        assert_rows_sum_to_one_or_zero(got, torch.ones(len(text), dtype=torch.bool))
+        np.testing.assert_allclose(got.double().numpy(), naive(lp, ids, table, mode, [0], ext=ext), atol=ATOL, rtol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 1200), st.floats(0.5, 3.0), st.integers(2, 40), st.booleans())
+def test_fuzzed_rows_are_exact_where_defined_and_zero_elsewhere(seed, n_bytes, scale, top_k, drop_one):
+    """Random small vocabularies without whitespace (long pretokens), random covers, teachers
+    truncated to their top k (log p = -inf elsewhere; the actual token's own log p kept, as the
+    top-k cache keeps it, except at one token with ``drop_one``): both modes equal the definition,
+    and a row is all zero exactly where the definition is undefined. (Teachers up to scale 3: a
+    prefix mass below ~1e-10 is exact to ~1e-16 / mass only, see ``ctdbench.byteprob``.)"""
+    rng = random.Random(seed)
+    alphabet = b"ab\xc3\xa9\xe4"
+    table = [None] + [bytes([b]) for b in alphabet] + sorted({bytes(rng.choices(alphabet, k=rng.randint(2, 6)))
+                                                            for _ in range(60)})
+    text = bytes(rng.choices(alphabet, k=n_bytes))
+    ids = random_cover(text, table, rng)
+    full = random_logprobs(len(ids), len(table), seed % 10_000, scale=scale)
+    kth = full.topk(min(top_k, len(table) - 1), -1).values[:, -1:]
+    lp = full.masked_fill(full < kth, -math.inf)
+    at = torch.arange(len(ids)), torch.tensor(ids)
+    lp[at] = full[at]
+    if drop_one:
+        lp[rng.randrange(len(ids)), :] = -math.inf
+    ext = extensions(table)
+    for mode in ("a0", "a1"):
+        got = next_byte_distributions(lp, ids, table, mode, special_ids=[0])
+        want = naive(lp, ids, table, mode, [0], ext=ext)
+        assert_rows_sum_to_one_or_zero(got, torch.from_numpy(want.sum(-1) > 0))
+        np.testing.assert_allclose(got.double().numpy(), want, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["a0", "a1"])

@@ -43,8 +43,9 @@ def top_k_setups(sides, corpus_texts, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", methods.available())
-def test_every_method_takes_a_finite_step_on_a_top_k_cache(name, top_k_setups):
+@pytest.mark.parametrize("method_name", [*methods.available(), "template"], indirect=True)
+def test_every_method_takes_a_finite_step_on_a_top_k_cache(method_name, top_k_setups):
+    name = method_name
     cls = methods.get(name)[0]
     data, teacher, cache = top_k_setups[cls.requires_same_tokenizer]
     student = build_model(STUDENT, data.student.tokenizer, seed=0, max_positions=256)

@@ -3,15 +3,24 @@
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from ctdbench.tokbytes import TokenSpans
+import methods
+from ctdbench.align import chunk_index, chunks
+from ctdbench.data import PairedDataset, Segment, Side, collate, segment_text
+from ctdbench.models import build_model
+from ctdbench.tokbytes import TokenSpans, token_bytes
 from methods.alm import alm_loss, chunk_ids, log1mexp, merge_by_space_prob
+from methods.base import MethodContext
+
+STUDENT = {"arch": "gpt_neox", "layers": 2, "hidden": 32, "heads": 2, "ffn": 64}
+TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 
 
 def naive_alm(tl, tids, tchunks, sl, sids, schunks, space_t, space_s, tau=100.0, thr=0.1, eps=1e-6):
-    """Per example, per chunk Python loops over the definitions (baselines.md §2.4-2.6)."""
+    """Per example, per chunk Python loops over the definitions (module docstring of ``methods.alm``)."""
     losses = []
     for b in range(tl.shape[0]):
         lt, ls = tl[b].log_softmax(-1), sl[b].log_softmax(-1)
@@ -129,9 +138,36 @@ def test_chunk_ids_from_spans():
         teacher=sp([0, 0, 5, 11], [0, 5, 11, 12], [9, 1, 2, 3]),            # BOS Hello| world|!
         student=sp([0, 0, 3, 5, 9], [0, 3, 5, 9, 12], [9, 1, 2, 3, 4]),     # BOS Hel|lo| wor|ld!
     )
-    ct, cs = chunk_ids([ex])
+    special = np.array([False] * 9 + [True])                                   # id 9 = BOS
+    ct, cs = chunk_ids([ex], special, special)
     assert ct.tolist() == [[-1, 0, 1, 1]]
     assert cs.tolist() == [[-1, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("sp_side", ["student", "teacher"])
+def test_chunks_are_tokenkits_on_real_sentencepiece_output(tokenizers, corpus_texts, sp_side):
+    """Our SentencePiece tokenizer emits a bare dummy-prefix token "▁" (an empty span of the text)
+    before a word it has no "▁word" piece for. As in tokenkit (and ``align.chunks`` on the tokens'
+    bytes, and ULD's byte groups) that token joins the first chunk."""
+    make = lambda kind: Side(tokenizers[kind], token_bytes(tokenizers[kind]))  # noqa: E731
+    sp, bpe = make("sentencepiece_bpe"), make("bytelevel_bpe")
+    student, teacher = (sp, bpe) if sp_side == "student" else (bpe, sp)
+    data = PairedDataset([s for t in corpus_texts for s in segment_text(t, 80)][:6], student, teacher)
+    examples = [data[i] for i in range(len(data))]
+    ctx = MethodContext(student=None, teacher=None, student_token_bytes=student.token_bytes,
+                        teacher_token_bytes=teacher.token_bytes, same_tokenizer=False)
+    batch = methods.build("alm", ctx).prepare(examples)
+    bare = 0
+    for b, ex in enumerate(examples):
+        want = chunks([teacher.token_bytes[i] for i in ex.teacher.ids], [student.token_bytes[i] for i in ex.student.ids])
+        for side, name in ((0, "teacher"), (1, "student")):
+            spans = getattr(ex, name)
+            got = batch[f"alm_chunk_{name}"][b, : len(spans.ids)]
+            assert got.tolist() == chunk_index(np.array(want).reshape(-1, 4), len(spans.ids), side).tolist()
+            if getattr(data, name) is sp and spans.ends[1] == spans.starts[1]:  # BOS, then a bare "▁"
+                assert sp.token_bytes[spans.ids[1]] == b" " and got[1] == 0
+                bare += 1
+    assert bare == len(examples)  # every segment starts with a capital letter, which has no "▁X" piece
 
 
 def test_logprob_cross_entropy_matches_token_cross_entropy():
@@ -142,3 +178,68 @@ def test_logprob_cross_entropy_matches_token_cross_entropy():
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0
     assert torch.allclose(logprob_cross_entropy(logits.log_softmax(-1), ids, mask), token_cross_entropy(logits, ids, mask))
+
+
+@pytest.mark.parametrize("name,hp", [("alm", {}), ("alm+sft", {}), ("alm", {"tau": 7.0, "threshold": 0.4}),
+                                     ("alm+sft", {"tau": 30.0, "threshold": 0.02}), ("alm+sft", {"gradmag": True})])
+def test_whole_loss_matches_a_naive_implementation(tokenizers, corpus_texts, name, hp):
+    """The method's loss on real models and a loss mask (the middle third of each segment): naive ALM
+    over tokenkit-style chunks of the tokens' bytes whose tokens are all targets, alone (``alm``) or
+    averaged with the student's CE over its targets (``alm+sft``), or GradMag's weighted mean."""
+    make = lambda kind: Side(tokenizers[kind], token_bytes(tokenizers[kind]))  # noqa: E731
+    student_side, teacher_side = make("sentencepiece_bpe"), make("bytelevel_bpe")
+    texts = [s for t in corpus_texts for s in segment_text(t, 80)][:3]
+    data = PairedDataset([Segment(t, ((len(t) // 3, 2 * len(t) // 3),)) for t in texts], student_side, teacher_side)
+    student = build_model(STUDENT, student_side.tokenizer, seed=0, max_positions=256)
+    teacher = build_model(TEACHER, teacher_side.tokenizer, seed=1, max_positions=256)
+    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=student_side.token_bytes,
+                        teacher_token_bytes=teacher_side.token_bytes, same_tokenizer=False)
+    method = methods.build(name, ctx, hp)
+    examples = [data[i] for i in range(len(data))]
+    batch = collate(examples, data, method)
+    s_out, t_out = (model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"])
+                    for model, side in ((student, "student"), (teacher, "teacher")))
+    loss, logs = method.loss(batch, s_out, t_out)
+
+    def targets_only(c, ex):
+        return all(ex.teacher.loss[i] for i in range(c[0], c[1])) and all(ex.student.loss[j] for j in range(c[2], c[3]))
+
+    found = [[c for c in chunks([teacher_side.token_bytes[i] for i in ex.teacher.ids],
+                                [student_side.token_bytes[i] for i in ex.student.ids]) if targets_only(c, ex)]
+             for ex in examples]
+    assert sum(map(len, found)) < sum(len(chunks([teacher_side.token_bytes[i] for i in ex.teacher.ids],
+                                                 [student_side.token_bytes[i] for i in ex.student.ids])) for ex in examples)
+    space = [[i for i, b in enumerate(side.token_bytes) if b is None or b[:1] in (b" ", b"\n", b"\t")]
+             for side in (teacher_side, student_side)]
+    with torch.no_grad():
+        alm = naive_alm(t_out.logits.double(), batch["teacher_input_ids"], found, s_out.logits.double(),
+                        batch["student_input_ids"], None, *space, tau=hp.get("tau", 100.0), thr=hp.get("threshold", 0.1))
+    if name == "alm":
+        assert loss.item() == pytest.approx(alm, rel=1e-5)
+        return
+    nll = [-s_out.logits[b, k - 1].double().log_softmax(-1)[ex.student.ids[k]]
+           for b, ex in enumerate(examples) for k in range(1, len(ex.student.ids)) if ex.student.loss[k]]
+    ce = torch.stack(nll).mean().item()
+    if not hp.get("gradmag"):
+        assert loss.item() == pytest.approx((ce + alm) / 2, rel=1e-5)
+        return
+    # GradMag: each term weighted by 1 / the norm of its gradient on the last transformer block.
+    last = list(student.gpt_neox.layers[-1].parameters())
+    assert [logs["ce"], logs["alm"]] == pytest.approx([ce, alm], rel=1e-5)
+    logp = s_out.logits.float().log_softmax(-1)
+    norms = []
+    for term in (ce_term(logp, examples), alm_term(method, batch, logp, t_out)):
+        grads = torch.autograd.grad(term, last, retain_graph=True, allow_unused=True)
+        norms.append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None)))
+    w = [1 / n for n in norms]
+    assert loss.item() == pytest.approx((w[0] * ce + w[1] * alm) / sum(w), rel=1e-4)
+
+
+def ce_term(logp, examples):
+    return torch.stack([-logp[b, k - 1, ex.student.ids[k]] for b, ex in enumerate(examples)
+                        for k in range(1, len(ex.student.ids)) if ex.student.loss[k]]).mean()
+
+
+def alm_term(method, batch, logp, t_out):
+    return alm_loss(t_out.logits.float().log_softmax(-1), batch["teacher_input_ids"], batch["alm_chunk_teacher"], logp,
+                    batch["student_input_ids"], batch["alm_chunk_student"], method.space_t, method.space_s)

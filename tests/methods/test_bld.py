@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ctdbench.byteprob import next_byte_distributions
-from ctdbench.data import PairedDataset, Side, collate, segment_text
+from ctdbench.data import PairedDataset, Segment, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import token_bytes
@@ -19,8 +20,10 @@ STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 
 
-def setup_pair(student_side, teacher_side, corpus_texts, n=4, **hp):
-    segments = [s for t in corpus_texts for s in segment_text(t, 80)][:n]
+def setup_pair(student_side, teacher_side, texts, n=4, **hp):
+    """(data, student, teacher, method, batch) of the first n 80-byte segments of ``texts``, or of
+    ``texts`` themselves when they are ``Segment`` objects."""
+    segments = texts if isinstance(texts[0], Segment) else [s for t in texts for s in segment_text(t, 80)][:n]
     data = PairedDataset(segments, student_side, teacher_side)
     student = build_model(STUDENT, student_side.tokenizer, seed=0, max_positions=256)
     teacher = build_model(TEACHER, teacher_side.tokenizer, seed=1, max_positions=256)
@@ -43,8 +46,13 @@ PAIRS = [("sentencepiece_bpe", "bytelevel_bpe"), ("byte", "bytelevel_bpe"), ("by
 
 
 @pytest.fixture(params=PAIRS, ids=lambda p: f"{p[1]}->{p[0]}")
-def pair(request, tokenizers, corpus_texts):
-    student_kind, teacher_kind = request.param
+def pair_kinds(request):
+    return request.param
+
+
+@pytest.fixture
+def pair(pair_kinds, tokenizers, corpus_texts):
+    student_kind, teacher_kind = pair_kinds
     return setup_pair(side(tokenizers, student_kind), side(tokenizers, teacher_kind), corpus_texts)
 
 
@@ -121,6 +129,52 @@ def test_kl_vanishes_when_the_head_is_the_teacher(pair):
     method.head = FixedHead(torch.zeros(len(rows[0]), method.n_bytes, method.n_symbols))
     _, logs = method.loss(batch, s_out, t_out)
     assert logs["byte_kl"] > 0.1
+
+
+def naive_bld(method, data, s_out, t_out, lambda_b, lambda_kl, temperature):
+    """The header's loss as loops over examples, target tokens and byte slots: token CE mean +
+    lambda_b * byte CE mean + lambda_kl * KL mean (over the slots whose teacher row is defined),
+    teacher byte distributions from the teacher's logits / T, the head run densely per token."""
+    ce, byte_ce, kl = [], [], []
+    for b, ex in enumerate(data):
+        lp = (t_out.logits[b, : len(ex.teacher.ids) - 1].double() / temperature).log_softmax(-1)
+        P = next_byte_distributions(lp, ex.teacher.ids[1:], method.ctx.teacher_token_bytes, method.conversion,
+                                    special_ids=method.special_ids).double()
+        P = F.pad(P[len(P) - len(ex.text):], (0, method.n_symbols - P.shape[1]))  # minus a dummy-prefix row
+        for l in range(1, len(ex.student.ids)):
+            if ex.student.loss is not None and not ex.student.loss[l]:
+                continue
+            ce.append(-s_out.logits[b, l - 1].double().log_softmax(-1)[ex.student.ids[l]])
+            s, e = ex.student.starts[l], ex.student.ends[l]
+            token = torch.tensor(list(ex.text[s:e]) + [0] * method.n_bytes)[None, : method.n_bytes]
+            logits = method.head(s_out.hidden_states[-1][b, l - 1][None].float(), token)[0].double()
+            for j in range(min(e - s, method.n_bytes)):
+                logq = logits[j].log_softmax(-1)
+                byte_ce.append(-logq[ex.text[s + j]])
+                p = P[s + j]
+                if p.sum() > 0:  # a masked teacher row has no KL term
+                    kl.append((p[p > 0] * (p[p > 0].log() - logq[p > 0])).sum())
+    mean = lambda x: torch.stack(x).mean()  # noqa: E731
+    return mean(ce) + lambda_b * mean(byte_ce) + lambda_kl * mean(kl)
+
+
+@pytest.mark.parametrize("hp", [{}, {"lambda_b": 0.6, "lambda_kl": 0.35, "temperature": 1.7, "conversion": "a0",
+                                     "head": "transformer", "head_width": 16}], ids=["defaults", "other"])
+def test_whole_loss_matches_a_naive_implementation(tokenizers, corpus_texts, pair_kinds, hp):
+    """Every term, weight, temperature, reduction and the loss mask: half of each segment is a target."""
+    student_kind, teacher_kind = pair_kinds
+    texts = [s for t in corpus_texts for s in segment_text(t, 80)][:3]
+    segments = [Segment(t, ((len(t.encode()) // 3, 2 * len(t.encode()) // 3),)) for t in texts]
+    data, student, teacher, method, batch = setup_pair(side(tokenizers, student_kind), side(tokenizers, teacher_kind),
+                                                       segments, **hp)
+    assert sum(ex.student.loss.count(False) for ex in data) > 3 * 3  # the mask leaves real tokens out
+    s_out = student(input_ids=batch["student_input_ids"], output_hidden_states=True)
+    t_out = OnlineTeacher(teacher)(batch)
+    loss, logs = method.loss(batch, s_out, t_out)
+    defaults = {"lambda_b": 1.0, "lambda_kl": 0.1, "temperature": 1.0}
+    args = {k: hp.get(k, v) for k, v in defaults.items()}
+    want = naive_bld(method, data, s_out, t_out, **args)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_linear_slot_logits_equal_the_dense_heads_at_valid_slots():

@@ -3,6 +3,7 @@
 implementation of DSKD's formulation, and real tokenizer pairs."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import editdistance
@@ -17,21 +18,33 @@ from ctdbench.data import PairedDataset, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.tokbytes import TokenSpans, token_bytes
 from methods.base import MethodContext
-from methods.mined import _DTWAligner, chunk_positions, dtw_paths, load_or_build_map, main, mined_loss, mined_map, pair_key
+from methods.mined import (_DTWAligner, byte_fallback_ids, chunk_positions, dtw_paths, load_or_build_map, main, mined_loss,
+                           mined_map, pair_key)
 
 STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 
 
-def brute_force_map(teacher, student):
+def brute_force_map(teacher, student, fallback=()):
+    """map(s) = argmin over teacher strings t of (edit distance, id(t)), id(t) = the smallest id
+    spelling t that is not in ``fallback``, else the smallest."""
+    ids = {}
+    for i, t in enumerate(teacher):
+        if t is not None:
+            ids[t] = min(ids.get(t, (True, i)), (i in fallback, i))
     out, dist = [], []
     for s in student:
         if s is None:
             out.append(-1), dist.append(-1)
             continue
-        d, i = min((editdistance.eval(s, t), i) for i, t in enumerate(teacher) if t is not None)
+        d, i = min((editdistance.eval(s, t), i) for t, (_, i) in ids.items())
         out.append(i), dist.append(d)
     return np.array(out), np.array(dist)
+
+
+def fallback_pieces(tokenizer) -> set[int]:
+    """Ids of the tokenizer's ``<0xNN>`` byte-fallback pieces, by their strings."""
+    return {i for piece, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-F]{2}>", piece)}
 
 
 token = st.one_of(st.none(), st.binary(max_size=7).map(lambda b: bytes(x % 5 + 97 for x in b)))
@@ -59,10 +72,32 @@ def test_map_exact_matches_ties_and_specials():
 @pytest.mark.parametrize("teacher_kind,student_kind", [("bytelevel_bpe", "sentencepiece_bpe"), ("sentencepiece_bpe", "byte")])
 def test_map_on_real_tokenizers_equals_brute_force(tokenizers, teacher_kind, student_kind):
     t, s = token_bytes(tokenizers[teacher_kind]), token_bytes(tokenizers[student_kind])
+    fallback = fallback_pieces(tokenizers[teacher_kind])
+    assert set(byte_fallback_ids(t)) == fallback and len(fallback) == (256 if teacher_kind == "sentencepiece_bpe" else 0)
     got, dist = mined_map(t, s, return_distance=True)
-    want, wdist = brute_force_map(t, s)
+    want, wdist = brute_force_map(t, s, fallback)
     assert np.array_equal(got, want) and np.array_equal(dist, wdist)
     assert (dist == 0).mean() > 0.5  # mostly exact matches
+    # An exact match goes to a byte-fallback piece only if the teacher has no normal piece for it.
+    pieces = {b for i, b in enumerate(t) if b is not None and i not in fallback}
+    assert all((i in fallback) == (s[j] not in pieces) for j, i in enumerate(got.tolist()) if i >= 0 and dist[j] == 0)
+
+
+def test_map_takes_normal_pieces_before_byte_fallback_ones():
+    """A Llama-2-like teacher: <unk> <s> </s>, the 256 <0xNN> pieces at ids 3..258, then pieces, some
+    of them single bytes the fallback block holds too; a GPT-2-like student."""
+    pieces = [b"!", b" ", b"1", b"0", b"00", b" the", b"\xe4\xbd\xa0"]
+    teacher = [None] * 3 + [bytes([b]) for b in range(256)] + pieces
+    assert byte_fallback_ids(teacher) == range(3, 259)
+    piece = {p: 259 + k for k, p in enumerate(pieces)}
+    student = [b"!", b" 1", b"00", b"0", b"\xff", b"\xe4", None, b"1!"]
+    got, dist = mined_map(teacher, student, return_distance=True)
+    assert got.tolist() == [piece[b"!"], piece[b" "], piece[b"00"], piece[b"0"], 3 + 0xFF, 3 + 0xE4, -1, piece[b"!"]]
+    assert dist.tolist() == [0, 1, 0, 0, 0, 0, -1, 1]
+    want, wdist = brute_force_map(teacher, student, set(range(3, 259)))
+    assert got.tolist() == want.tolist() and dist.tolist() == wdist.tolist()
+    # Without a fallback block the smallest id of a duplicate string wins, as before.
+    assert mined_map([None, b"a", b"!", b"a"], [b"a"]).tolist() == [1]
 
 
 def test_map_cache_and_cli(tmp_path, tokenizers, monkeypatch):
