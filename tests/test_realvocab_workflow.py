@@ -1,6 +1,6 @@
 """workflows/config/realvocab.yaml in a reduced form: every method end to end on real vocabularies.
 
-The config is read from the repository and cut down (the tiny test corpus, a few steps, a few
+The config is read from the repository and cut down (2 kB of its corpus, a few steps, a few
 evaluation documents) so that a real-vocabulary regression turns CI red within minutes: the
 cl100k teacher with the 248k Qwen3.6 student runs every cross-tokenizer method but MinED, whose
 vocabulary map alone (151k student pieces missing from cl100k, by edit distance) takes minutes;
@@ -23,7 +23,6 @@ def reduced_config() -> dict:
     cross = [m for m in config["run"]["methods"] if m != "mined"]
     config.update(
         name="realvocab_ci",
-        corpus={"source": "tests/data/tiny_corpus", "n_validation": 1, "n_test": 1, "split_seed": 0},
         pairs={"cl100k_to_qwen3_6": {**config["pairs"]["cl100k_to_qwen3_6"], "methods": cross},
                "cl100k_to_byte": {**config["pairs"]["cl100k_to_byte"], "methods": ["sft", "mined"]},
                "cl100k_to_cl100k": {**config["pairs"]["cl100k_to_cl100k"], "methods": ["kd"]}},
