@@ -163,3 +163,18 @@ def test_tokenizer_stage_saves_a_family_that_reloads_with_the_same_ids(tmp_path)
     text = "<|im_start|>user\nCafe\u0301 東京 1234 x\r\n<|im_end|>"
     assert tok(text, add_special_tokens=False)["input_ids"] == reference_ids("qwen2", ref, text)
     assert len(tok) == 151851 and tok.bos_token is None and tok.eos_token == tok.pad_token == "<|endoftext|>"
+
+
+def test_a_pad_that_is_bos_is_no_padding_row(small_ranks, tokenizers):
+    """Llama's embedding would never train the padding_idx row: only a pad of its own is one."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ctdbench.models import build_model
+
+    family = dataclasses.replace(FAMILIES["cl100k"], specials={len(small_ranks): "<|endoftext|>"})
+    real_style = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(family, small_ranks), bos_token="<|endoftext|>",
+                                         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    spec = {"arch": "llama", "layers": 1, "hidden": 16, "heads": 2, "ffn": 32}
+    embedding = lambda tok: build_model(spec, tok, seed=0, max_positions=64).model.embed_tokens  # noqa: E731
+    assert embedding(real_style).padding_idx is None
+    assert embedding(tokenizers["bytelevel_bpe"]).padding_idx == tokenizers["bytelevel_bpe"].pad_token_id == 1
