@@ -46,6 +46,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,8 +238,6 @@ def reference_encoding(name: str, cache_dir: Path):
 
 def reference_ids(name: str, encoding, text: str) -> list[int]:
     """Token ids of ``text`` as the family's own encoder gives them (NFC first for Qwen)."""
-    import unicodedata
-
     if get_family(name).nfc:
         text = unicodedata.normalize("NFC", text)
     return encoding.encode(text, allowed_special="all")
