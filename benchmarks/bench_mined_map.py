@@ -1,11 +1,13 @@
 """Time of the MinED vocabulary map (``methods.mined.mined_map``) on synthetic vocabulary pairs.
 
     python benchmarks/bench_mined_map.py --vocab 32000 --shared 0.7
+    python benchmarks/bench_mined_map.py --families cl100k:qwen2 cl100k:qwen3_6   # real vocabularies
 
 Each vocabulary holds every byte plus random BPE-like pieces (lowercase words and fragments,
 half with a leading space, lengths 2-12); a fraction ``--shared`` of the teacher's pieces is
 also in the student's vocabulary, as between real tokenizers of one language. The unshared
-student pieces are the ones the edit-distance search has to work for.
+student pieces are the ones the edit-distance search has to work for. ``--families T:S`` times
+the map between real tokenizer families instead (``ctdbench.families``, teacher T, student S).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 
 from methods.mined import mined_map
 
@@ -30,13 +33,28 @@ def vocabulary(rng: random.Random, n: int, start=(), exclude: set[bytes] = froze
     return sorted(out)
 
 
+def real_table(family: str) -> list[bytes | None]:
+    from ctdbench.families import pretrained_tokenizer
+    from ctdbench.tokbytes import token_bytes
+
+    return token_bytes(pretrained_tokenizer(family, Path("resources")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32000])
+    parser.add_argument("--vocab", type=int, nargs="+", default=None, help="synthetic sizes (default 32000)")
     parser.add_argument("--shared", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--families", nargs="+", default=[], help="TEACHER:STUDENT pairs of real families")
     args = parser.parse_args()
-    for v in args.vocab:
+    for pair in args.families:
+        teacher, student = (real_table(name) for name in pair.split(":"))
+        t0 = time.process_time()
+        mapped = mined_map(teacher, student)
+        exact = len(set(student) & set(teacher)) - 1  # None is in both
+        print(f"{pair} ({len(teacher)} x {len(student)} ids): {time.process_time() - t0:.1f} CPU s "
+              f"({exact} exact matches, {int((mapped >= 0).sum()) - exact} by edit distance)")
+    for v in args.vocab or ([] if args.families else [32000]):
         rng = random.Random(args.seed)
         teacher = vocabulary(rng, v)
         shared = rng.sample(teacher, int(args.shared * v))

@@ -42,7 +42,7 @@ def _prepared_inputs(config: dict, pair: str) -> dict:
         d = results / "tokenizers" / name
         if not d.exists():
             cli.cmd_tokenizer(argparse.Namespace(spec=json.dumps(config["tokenizers"][name]),
-                                                 train=str(data_dir / "train.jsonl"), out=str(d)))
+                                                 train=str(data_dir / "train.jsonl"), out=str(d), cache="resources"))
         dirs[side] = str(d)
     return {"data": data_dir, **dirs}
 

