@@ -20,6 +20,9 @@ try:
 except ctd_config.ConfigError as e:
     sys.exit(f"invalid config: {e}")
 
+# The HTML report (`snakemake --report`) opens with the headline figure and the verdict.
+report: "workflows/report/workflow.rst"
+
 include: "workflows/rules/common.smk"
 include: "workflows/rules/data.smk"
 include: "workflows/rules/models.smk"

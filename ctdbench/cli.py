@@ -202,7 +202,8 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     cfg = TrainConfig(**spec["train"])
     summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
                     val_data=val_data, progress=not args.quiet, processes=procs,
-                    spec={"job": spec, "teacher": teacher_identity})
+                    spec={"job": {k: v for k, v in spec.items() if k != "train"},  # cfg holds the budget
+                          "teacher": teacher_identity})
     summary["teacher_source"] = None if source is None else ("cache" if source.cached else "online")
     summary["data"] = train_data.fallback_counts()
     if procs.world_size > 1:

@@ -216,10 +216,18 @@ def remove_checkpoint(out_dir: Path) -> None:
         path.parent.rmdir()
 
 
+NOT_IN_DIGEST = ("grad_accum", "checkpoint_every", "eval_every", "log_every", "num_workers")
+
+
 def run_digest(spec, cfg: TrainConfig, *, seed: int, method_name: str, data: PairedDataset) -> str:
     """sha256 of everything that defines a run's weights: the caller's ``spec`` (JSON; method
-    hyperparameters, models, teacher identity ...), the budget, the seed, the method and the data."""
-    whole = {"spec": spec, "train": asdict(cfg), "seed": seed, "method": method_name, "data": data.digest()}
+    hyperparameters, models, teacher identity ...), the budget, the seed, the method and the data.
+
+    How the batch is split (micro-batches, processes) and how often the run logs, validates or
+    checkpoints do not change the weights, so a run may resume with other values of these.
+    """
+    train = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_DIGEST}
+    whole = {"spec": spec, "train": train, "seed": seed, "method": method_name, "data": data.digest()}
     return hashlib.sha256(json.dumps(whole, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -241,5 +241,5 @@ def test_bad_hyperparameters_are_named(sides, corpus_texts):
         setup_pair(*sides, corpus_texts, conversion="exact")
     with pytest.raises(ValueError, match="methods.bld.head"):
         setup_pair(*sides, corpus_texts, head="mlp")
-    with pytest.raises(ValueError, match="methods.bld: unknown hyperparameter.*lambda"):
+    with pytest.raises(ValueError, match="methods.bld.lambda_byte: unknown hyperparameter"):
         setup_pair(*sides, corpus_texts, lambda_byte=1.0)

@@ -1,5 +1,5 @@
-# results/ -> summary.csv + figures. `snakemake plots` regenerates them from whatever results
-# exist, without (re)training anything.
+# results/ -> summary.csv, the aggregated / paired / transfer tables, the verdict and figures.
+# `snakemake plots` regenerates them from whatever results exist, without (re)training anything.
 
 
 rule summary:
@@ -9,6 +9,7 @@ rule summary:
         teachers=expand(f"{RESULTS}/teachers/{{teacher}}/eval.json", teacher=used_teachers()),
     output:
         report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Summary"),
+        tables=[f"{RESULTS}/{name}" for name in ("summary_stats.csv", "paired.csv", "transfer.csv", "headline.md")],
         figures=report(
             directory(f"{RESULTS}/figures"),
             patterns=["{name}.png"],
