@@ -38,7 +38,8 @@ def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
     return {
         "config_name": config["name"],
         "pair": pair,
-        "pair_spec": {**p, "teacher_tokenizer": teacher["tokenizer"]},
+        # Without the pair's method list: adding a method to it must not rerun the others.
+        "pair_spec": {**{k: v for k, v in p.items() if k != "methods"}, "teacher_tokenizer": teacher["tokenizer"]},
         "student_model": config["models"][p["student_model"]],
         "method": method,
         "hparams": hparams,

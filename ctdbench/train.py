@@ -10,7 +10,10 @@ run started again in the same directory resumes from the last one and ends with 
 weights as an uninterrupted run (the data order is a function of the step, and training has no
 other randomness). A checkpoint records the digest of the run that wrote it (its spec, training
 budget, seed, method and data): a run resumes only its own, and otherwise starts fresh, saying
-so in ``train_log.jsonl`` and on stderr. Checkpoints hold tensors, numbers, strings, lists and
+so in ``train_log.jsonl`` and on stderr. While a run trains, its log lives beside the checkpoint
+(``checkpoint/train_log.jsonl``) and is copied to ``train_log.jsonl`` when training ends: a
+workflow manager that deletes an interrupted job's outputs (Snakemake does) leaves the history a
+resume continues. Checkpoints hold tensors, numbers, strings, lists and
 dicts only and are read with ``torch.load(weights_only=True)``: a crafted file executes nothing
 (it is unreadable, so the run starts fresh). The caller removes the checkpoint once the trained
 model and its record are saved (:func:`remove_checkpoint`).
@@ -208,10 +211,17 @@ def checkpoint_path(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoint" / "last.pt"
 
 
+def running_log_path(out_dir: Path) -> Path:
+    """The log of a run in progress (kept with the checkpoint, outside the run's declared outputs)."""
+    return Path(out_dir) / "checkpoint" / "train_log.jsonl"
+
+
 def remove_checkpoint(out_dir: Path) -> None:
-    """Delete a run's checkpoint: call only once its trained model and record are safely saved."""
+    """Delete a run's checkpoint and running log: call only once its trained model, record and
+    ``train_log.jsonl`` are safely saved."""
     path = checkpoint_path(out_dir)
     path.unlink(missing_ok=True)
+    running_log_path(out_dir).unlink(missing_ok=True)
     if path.parent.is_dir() and not any(path.parent.iterdir()):
         path.parent.rmdir()
 
@@ -324,7 +334,7 @@ def train(
     module, optimizer = procs.prepare(module, make_optimizer(student, method, cfg), whole=method)
     digest = run_digest(spec, cfg, seed=seed, method_name=getattr(method, "name", type(method).__name__), data=data)
     ckpt = Checkpointer(out_dir, digest)
-    log_path = out_dir / "train_log.jsonl"
+    log_path = running_log_path(out_dir)
     counters = dict(optimizer_steps=0, documents=0, text_bytes=0, student_tokens=0,
                     teacher_tokens=0, teacher_forward_passes=0, stream_sha256="")
     elapsed = 0.0
@@ -342,11 +352,12 @@ def train(
         if procs.is_main:
             _truncate_log(log_path, counters["optimizer_steps"])
     elif procs.is_main:
-        log_path.unlink(missing_ok=True)
-        if refused:  # never resume what another spec (or an unreadable file) left behind
+        remove_checkpoint(out_dir)  # never resume what another spec (or an unreadable file) left behind
+        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if refused:
             print(f"starting fresh: {refused}", file=sys.stderr)
             log({"step": 0, "event": "fresh_start", "reason": refused})
-            remove_checkpoint(out_dir)
     start_step = counters["optimizer_steps"]
 
     # Rank r takes micro-batches r, r + N, ... of each global batch.
@@ -429,6 +440,8 @@ def train(
             if procs.is_main:
                 ckpt.save({**state, "counters": counters, "elapsed": elapsed, "rng": torch.get_rng_state()})
     bar.close()
+    if procs.is_main:
+        write_atomic(out_dir / "train_log.jsonl", log_path.read_text(encoding="utf-8") if log_path.exists() else "")
 
     steps = counters["optimizer_steps"]
     summary = {

@@ -224,3 +224,32 @@ def test_every_method_declares_valid_limits_its_defaults_meet():
         for limit in cls.hparam_limits.values():
             assert callable(limit) or isinstance(limit, tuple) or _INTERVAL.fullmatch(limit), (name, limit)
         check_hparams(cls, defaults, name=name)
+
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "default.yaml"])
+def test_adding_a_method_changes_no_existing_run(name):
+    """Snakemake reruns a job whose spec (params) changes: adding a method, to ``run.methods`` and to
+    the pairs' own lists, must leave every existing run's spec and the teacher caches' as they were."""
+    from ctdbench import specs
+
+    def every_spec(config):
+        runs = {(pair, method, seed): specs.distill_spec(config, pair, method, seed)
+                for pair in ctd_config.pairs(config) for method in ctd_config.pair_methods(config, pair)
+                for seed in config["run"]["seeds"]}
+        return runs, {t: specs.teacher_cache_spec(config, t) for t in config["teachers"]}
+
+    grown = ctd_config.validate(load(name))
+    grown["methods"].setdefault("uld", {})
+    for spec in (grown["run"], *grown["pairs"].values()):
+        if "methods" in spec and "uld" not in spec["methods"]:
+            spec["methods"].append("uld")
+    before = copy.deepcopy(grown)  # the same config before uld was added
+    for spec in (before["run"], *before["pairs"].values()):
+        if "methods" in spec:
+            spec["methods"].remove("uld")
+    runs, caches = every_spec(before)
+    runs_after, caches_after = every_spec(grown)
+    assert len(runs_after) > len(runs) > 0
+    assert {job: runs_after[job] for job in runs} == runs
+    assert caches_after == caches
