@@ -17,6 +17,7 @@ from ctdbench.train import (
     lr_factor,
     make_optimizer,
     remove_checkpoint,
+    running_log_path,
     train,
 )
 from methods import build
@@ -191,12 +192,12 @@ def test_a_crafted_checkpoint_runs_nothing(setup, tmp_path):
 def test_a_torn_last_log_line_does_not_block_resuming(setup, tmp_path):
     data, val, teacher, make = setup
     _interrupted(make, data, teacher, val, tmp_path / "run", TrainConfig(**CFG))
-    log = tmp_path / "run" / "train_log.jsonl"
-    log.write_text(log.read_text() + '{"step": 5, "bytes_se')  # killed mid-write
+    running = running_log_path(tmp_path / "run")
+    running.write_text(running.read_text() + '{"step": 5, "bytes_se')  # killed mid-write
     student, method = make(_TeacherCE)
     train(student, method, data, TrainConfig(**CFG), tmp_path / "run", seed=2, teacher=teacher, val_data=val,
           progress=False)
-    steps = [json.loads(r)["step"] for r in log.read_text().splitlines()]
+    steps = [json.loads(r)["step"] for r in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 6
 
 
