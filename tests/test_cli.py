@@ -158,7 +158,8 @@ def test_bugs_keep_their_traceback(bug, monkeypatch):
 
 
 def test_bench_names_an_unknown_pair():
-    with pytest.raises(SystemExit, match=r"ctdbench bench: --pair nope: no such pair in .*smoke.yaml \(bpe_to_sp, bpe_to_byte\)"):
+    refused = r"ctdbench bench: --pair nope: no such pair in .*smoke.yaml \(bpe_to_sp, bpe_to_byte\)"
+    with pytest.raises(SystemExit, match=refused):
         cli.main(["bench", "--config", str(REPO / "workflows" / "config" / "smoke.yaml"), "--pair", "nope"])
 
 
