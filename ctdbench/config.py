@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import jsonschema
@@ -94,8 +95,8 @@ def _check_tree(node, where: str, path=(), count=None) -> None:
         for key_node, value in node.value:
             key = getattr(key_node, "value", None)
             if key in seen:
-                raise ConfigError(f"config key '{_key((*path, key))}': written twice ({where}, line "
-                                  f"{key_node.start_mark.line + 1}); keep one")
+                raise ConfigError(f"config file {where}: config key '{_key((*path, key))}': written twice "
+                                  f"(line {key_node.start_mark.line + 1}); keep one")
             seen.add(key)
             _check_tree(value, where, (*path, key), count)
     elif isinstance(node, yaml.SequenceNode):
@@ -107,21 +108,35 @@ def read_yaml(path: str | Path) -> dict:
     """A config file as a dict, by ``yaml.safe_load``'s loader, refusing keys written twice.
 
     Raises:
-        ConfigError: unreadable file, invalid YAML, a duplicate key (named, with its line), an
-            alias bomb, a YTE template.
+        ConfigError: unreadable file, invalid YAML (with its line and column), a top level that is
+            not a mapping, a duplicate key (named, with its line), an alias bomb, a YTE template.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
         _check_tree(yaml.compose(text, Loader=_LOADER), str(path))
-        config = yaml.load(text, Loader=_LOADER) or {}
+        config = yaml.load(text, Loader=_LOADER)
     except OSError as e:
         raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if isinstance(config, dict) and "__use_yte__" in config:
-        raise ConfigError("config key '__use_yte__': configs are plain YAML; Snakemake evaluates a file with this "
+        raise ConfigError(f"config file {path}: not valid YAML ({_yaml_problem(e)})") from None
+    if not isinstance(config, dict):
+        found = "nothing" if config is None else f"a {type(config).__name__}"
+        raise ConfigError(f"config file {path}: holds {found}, not a mapping of config keys (name:, pairs:, ...)")
+    if "__use_yte__" in config:
+        raise ConfigError(f"config file {path}: config key '__use_yte__': configs are plain YAML; Snakemake evaluates a file with this "
                           "key as a YTE template, i.e. runs its expressions as code, before the workflow starts")
     return config
+
+
+def _yaml_problem(error: Exception) -> str:
+    """A YAML error in one line, where it is first: ``line 2, column 1: did not find ...``."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(error).split())
+    problem = f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    if error.context and (started := error.context_mark):
+        problem += f" ({error.context} from line {started.line + 1}, column {started.column + 1})"
+    return problem
 
 
 @functools.cache
@@ -130,8 +145,16 @@ def _schema() -> dict:
 
 
 def load(path: str | Path) -> dict:
-    """Read a YAML config (:func:`read_yaml`) and validate it."""
-    return validate(read_yaml(path))
+    """Read a YAML config (:func:`read_yaml`) and validate it.
+
+    Raises:
+        ConfigError: naming the file, then the offending key.
+    """
+    config = read_yaml(path)
+    try:
+        return validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
 
 
 def validate(config: dict, *, check_methods: bool = True) -> dict:
@@ -140,6 +163,7 @@ def validate(config: dict, *, check_methods: bool = True) -> dict:
     Raises:
         ConfigError: naming the first offending key.
     """
+    _read_exponent_floats(config)
     _check_finite(config)
     errors = sorted(_Validator(_schema()).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
@@ -152,12 +176,30 @@ def validate(config: dict, *, check_methods: bool = True) -> dict:
     return config
 
 
+def _children(node) -> list:
+    return list(node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ())
+
+
+# A number with an exponent, as YAML 1.2 reads it. YAML 1.1 (PyYAML; also Snakemake's loader, which
+# reads the --configfile before ctdbench sees it) wants a dot and a signed exponent, and reads
+# `lr: 3e-3` or `1e5` as strings.
+EXPONENT_NUMBER = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def _read_exponent_floats(node) -> None:
+    """Turn the strings YAML 1.1 left unread, such as ``3e-3``, into the floats YAML 1.2 reads, in place."""
+    for key, child in _children(node):
+        if isinstance(child, str) and EXPONENT_NUMBER.fullmatch(child):
+            node[key] = float(child)
+        else:
+            _read_exponent_floats(child)
+
+
 def _check_finite(node, path=()) -> None:
     """NaN and infinity pass every JSON-schema bound check (or fail it with a puzzling message)."""
     if isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"config key '{_key(path)}': {node} is not a finite number")
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in children:
+    for key, child in _children(node):
         _check_finite(child, (*path, key))
 
 
