@@ -351,6 +351,7 @@ def train(
         torch.set_rng_state(state["rng"])
         if procs.is_main:
             _truncate_log(log_path, counters["optimizer_steps"])
+            log({"step": counters["optimizer_steps"], "event": "resumed"})
     elif procs.is_main:
         remove_checkpoint(out_dir)  # never resume what another spec (or an unreadable file) left behind
         (out_dir / "train_log.jsonl").unlink(missing_ok=True)

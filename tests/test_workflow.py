@@ -107,3 +107,48 @@ def test_rule_commands_quote_every_path():
              for p in placeholder.findall(c)]
     assert len(found) > 40 and "params.spec" in found
     assert [p for p in found if p not in trusted and not p.endswith(":q")] == []
+
+
+@pytest.mark.slow
+def test_a_run_killed_inside_the_workflow_resumes_with_its_whole_learning_curve(tmp_path, run_snakemake):
+    """SIGKILL to the whole workflow mid-training, `--unlock`, rerun (as the README says): the run
+    resumes from its checkpoint, and its learning curve equals an uninterrupted run's row for row."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    config = yaml.safe_load((REPO / "workflows/config/smoke.yaml").read_text())
+    config["pairs"] = {"bpe_to_sp": {**config["pairs"]["bpe_to_sp"], "methods": ["sft"]}}
+    config["run"] = {"methods": ["sft"], "seeds": [0]}
+    config["distill"]["train"].update(steps=60, checkpoint_every=10, eval_every=20)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    args = ["--cores", "1", "--configfile", str(tmp_path / "config.yaml"), "results/smoke/bpe_to_sp/sft/seed0/run.json"]
+    logs = {}
+    for name in ("whole", "killed"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        run = workdir / "results" / "smoke" / "bpe_to_sp" / "sft" / "seed0"
+        if name == "killed":
+            cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+            workflow = subprocess.Popen(cmd, cwd=workdir, env=env, start_new_session=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 300
+            while not (run / "checkpoint" / "last.pt").exists() and workflow.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            os.killpg(workflow.pid, signal.SIGKILL)  # the whole workflow and its job, mid-training
+            workflow.wait()
+            assert not (run / "run.json").exists(), "finished before the kill: the test needs more steps"
+            assert run_snakemake(workdir, "--unlock", *args).returncode == 0
+        result = run_snakemake(workdir, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = [{k: v for k, v in json.loads(row).items() if k != "tokens_per_second"}
+                      for row in (run / "train_log.jsonl").read_text().splitlines()]
+    resumed = [row for row in logs["killed"] if row.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 10
+    assert [row for row in logs["killed"] if "event" not in row] == logs["whole"]
