@@ -152,6 +152,10 @@ def verdict_text(paired: pd.DataFrame, transfers: pd.DataFrame, metric: tuple[st
         better = [phrase(r) for r in rows.itertuples() if r.verdict == BETTER]
         worse = [phrase(r) for r in rows.itertuples() if r.verdict == WORSE]
         unclear = [r.method for r in rows.itertuples() if r.verdict == UNCLEAR]
+        if n < 2:  # one seed: differences, but no interval and so no verdict
+            diffs = ", ".join(f"{r.method} ({_signed(r.mean_diff)})" for r in rows.itertuples())
+            lines.append(f"{pair} (1 seed, so no confidence interval and no verdict): {diffs}.")
+            continue
         parts = [f"{pair} ({n} seeds):"]
         parts.append(f"beat SFT: {', '.join(better)}." if better else "no method beats SFT with confidence.")
         if worse:

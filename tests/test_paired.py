@@ -102,3 +102,12 @@ def test_verdict_text_names_each_class():
     assert "beat SFT: bld (-0.103" in cross and "Worse than SFT: uld" in cross
     assert "Not distinguishable from SFT: alm" in cross and "(4 seeds)" in cross
     assert "bld 0.34" in cross  # share of the KD gain kept: 0.1025 / 0.30
+
+
+def test_one_seed_gives_differences_without_a_verdict():
+    t = table()
+    t = t[t["seed"] == 0]
+    text = verdict_text(paired_differences(t), transfer(t))
+    cross = next(line for line in text.splitlines() if line.startswith("- cross"))
+    assert cross.startswith("- cross (1 seed, so no confidence interval and no verdict): bld (-0.100)")
+    assert "beat" not in cross and "nan" not in cross
