@@ -126,13 +126,16 @@ def test_a_run_killed_inside_the_workflow_resumes_with_its_whole_learning_curve(
     config["run"] = {"methods": ["sft"], "seeds": [0]}
     config["distill"]["train"].update(steps=60, checkpoint_every=10, eval_every=20)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    args = ["--cores", "1", "--configfile", str(tmp_path / "config.yaml"), "results/smoke/bpe_to_sp/sft/seed0/run.json"]
+    args = ["results/smoke/bpe_to_sp/sft/seed0/run.json", "--cores", "1", "--configfile", str(tmp_path / "config.yaml")]
     logs = {}
     for name in ("whole", "killed"):
         workdir = tmp_path / name
-        workdir.mkdir()
         run = workdir / "results" / "smoke" / "bpe_to_sp" / "sft" / "seed0"
-        if name == "killed":
+        if name == "whole":
+            workdir.mkdir()
+        else:  # the same corpus, tokenizers and teacher: only the run itself is trained again
+            shutil.copytree(tmp_path / "whole", workdir)
+            shutil.rmtree(run)
             cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
             env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
             workflow = subprocess.Popen(cmd, cwd=workdir, env=env, start_new_session=True,
