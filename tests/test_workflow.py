@@ -78,6 +78,24 @@ def test_default_config_plans(tmp_path, run_snakemake):
     assert "teacher_cache" in result.stdout and "distill" in result.stdout
 
 
+@pytest.mark.parametrize("config", ["smoke.yaml", "default.yaml"])
+def test_snakemake_lint_is_clean(tmp_path, run_snakemake, config):
+    """The Snakemake catalogue's checks: software per rule, no globals in shell commands, no
+    hard-coded path prefixes in params, ... (``snakemake --lint``: 0 findings)."""
+    result = run_snakemake(tmp_path, "--lint", "--configfile", str(REPO / "workflows/config" / config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Lints for" not in output, output[-5000:]
+    assert "your workflow is in a good condition" in output
+
+
+def test_default_config_plans_the_precompute_rule_only_for_methods_with_the_hook(tmp_path, run_snakemake):
+    result = run_snakemake(tmp_path, "-n", "--cores", "2", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()
+              if line.split()[:1] in (["precompute"], ["distill"])}
+    assert counts == {"precompute": "3", "distill": "84"}  # mined on each of the 3 pairs
+
+
 def test_invalid_config_fails_before_any_job(tmp_path, run_snakemake):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "workflows/config/smoke.yaml").read_text().replace("steps: 6", "stpes: 6"))
