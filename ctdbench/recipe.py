@@ -1,9 +1,8 @@
 """From a job's spec to what it builds: the corpus, a tokenizer, and the parts of a training run.
 
-The CLI's stages (``ctdbench.cli``) and ``ctdbench bench`` both assemble their runs here, so a
-benchmarked step is built exactly as a trained one: the tokenizer sides, the segments, the
-datasets, the student, the method with its :class:`methods.base.MethodContext` and the teacher
-source.
+The CLI's stages (``ctdbench.cli``) assemble their runs here (:func:`assemble`: the datasets,
+the student, the method on its :class:`methods.base.MethodContext` and the teacher source), and
+``ctdbench bench`` builds its timed step from the same pieces (corpus, tokenizer sides, segments).
 """
 
 from __future__ import annotations
