@@ -70,7 +70,7 @@ def test_a_new_method_with_a_per_pair_file_needs_only_its_class(config, tmp_path
     assert receipt["method"] == "lengths" and receipt["student_ids"] == len(student_side.token_bytes)
 
 
-def test_precompute_refuses_a_method_without_the_hook(tmp_path, sides):
+def test_precompute_refuses_a_method_without_the_hook(tmp_path):
     with pytest.raises(SystemExit, match="bld has nothing to precompute"):
         cli.main(["precompute", "--spec", json.dumps({"method": "bld"}), "--student-tokenizer", "x",
                   "--teacher-tokenizer", "y", "--out", str(tmp_path / "a"), "--receipt", str(tmp_path / "b")])
