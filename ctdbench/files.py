@@ -4,6 +4,7 @@ sees a half-written file, whatever kills the writer."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -14,3 +15,13 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_dir(target: str | Path, write) -> None:
+    """Write a folder whole or not at all: ``write(folder)`` fills one beside it, renamed into place."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)

@@ -6,9 +6,8 @@ hyperparameter of one method retrains that method only). ``ctdbench bench`` buil
 
 from __future__ import annotations
 
-from ctdbench.config import pair_methods, pairs
-
-RESERVED = {"data", "tokenizers", "teachers", "maps", "figures", "logs", "benchmarks"}
+from ctdbench import layout
+from ctdbench.config import pair_methods, pairs, teacher_cache_top_k
 
 
 def teacher_spec(config: dict, name: str) -> dict:
@@ -24,17 +23,26 @@ def teacher_spec(config: dict, name: str) -> dict:
     }
 
 
-def mined_map_path(config: dict, pair: str) -> str:
-    """Where the workflow's ``mined_map`` rule caches the pair's MinED vocabulary map."""
-    return f"results/{config['name']}/maps/{pair}/mined.npy"
+def precomputed_path(config: dict, pair: str, method: str) -> str | None:
+    """Where the workflow's ``precompute`` rule writes ``method``'s file for ``pair``; None if the
+    method precomputes nothing (``DistillationMethod.precompute``)."""
+    cls = _method(method)
+    if cls.precomputed_arg is None:
+        return None
+    return layout.precomputed_path(layout.results_dir(config), pair, method, cls.precomputed_suffix)
+
+
+def precompute_spec(method: str) -> dict:
+    """The ``precompute`` job's spec: the method only (its file depends on the tokenizer pair alone)."""
+    return {"method": method}
 
 
 def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
     p = config["pairs"][pair]
     teacher = config["teachers"][p["teacher"]]
     hparams = dict(config["methods"].get(method, {}))
-    if method == "mined":
-        hparams.setdefault("map_path", mined_map_path(config, pair))
+    if path := precomputed_path(config, pair, method):  # unless the config names the file itself
+        hparams.setdefault(_method(method).precomputed_arg, path)
     return {
         "config_name": config["name"],
         "pair": pair,
@@ -59,11 +67,6 @@ def evaluate_spec(config: dict) -> dict:
     return dict(config.get("evaluate", {}))
 
 
-def teacher_cache_top_k(config: dict) -> int | None:
-    """k of the config's top-k teacher cache; None for a full cache or the online teacher."""
-    return config["distill"].get("teacher_cache_top_k") if config["distill"].get("teacher_cache") else None
-
-
 def teacher_cache_spec(config: dict, teacher: str) -> dict:
     spec = {"data": config["distill"].get("data", {}), "device": config.get("device", "auto")}
     if k := teacher_cache_top_k(config):
@@ -75,6 +78,6 @@ def teacher_cache_spec(config: dict, teacher: str) -> dict:
 
 
 def _method(name: str) -> type:
-    import methods  # here: the registry imports torch and every method, which most specs never need
+    import methods  # here: the registry imports torch and every method, which the other specs never need
 
     return methods.get(name)[0]

@@ -12,7 +12,9 @@ Class attributes declare what the loop has to compute for the method, so nothing
 (the student's last hidden state), ``needs_teacher_hidden_states`` (the teacher's: a top-k teacher
 cache stores them only if a method of its config reads them), ``needs_full_teacher_vocab`` (the
 method cannot train from a top-k teacher cache; checked at config validation and construction) and
-``requires_same_tokenizer`` (checked at config validation).
+``requires_same_tokenizer`` (checked at config validation). A method that needs a file computed
+once per tokenizer pair (MinED's vocabulary map) names it with ``precomputed_arg`` and writes it in
+:meth:`DistillationMethod.precompute`; the workflow builds it before the pair's runs.
 
 Hyperparameters are the constructor's keyword arguments. Config validation checks each value
 against the constructor's annotation (``float`` takes integers too, ``int`` no floats, ``bool``,
@@ -33,7 +35,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -65,6 +67,21 @@ class MethodContext:
     teacher_special_ids: list[int] = field(default_factory=list)
     teacher_top_k: int | None = None
 
+    @classmethod
+    def from_sides(cls, student: nn.Module | None, teacher: nn.Module | None, student_side,
+                   teacher_side=None, *, teacher_top_k: int | None = None) -> MethodContext:
+        """The context of a pair from its two ``ctdbench.data.Side`` objects (tokenizer and byte
+        table); without ``teacher_side`` the student's tokenizer is the teacher's (pretraining)."""
+        teacher_side = teacher_side or student_side
+        return cls(
+            student=student, teacher=teacher,
+            student_token_bytes=student_side.token_bytes, teacher_token_bytes=teacher_side.token_bytes,
+            same_tokenizer=teacher_side.token_bytes == student_side.token_bytes,
+            student_special_ids=list(student_side.tokenizer.all_special_ids),
+            teacher_special_ids=list(teacher_side.tokenizer.all_special_ids),
+            teacher_top_k=teacher_top_k,
+        )
+
     @property
     def student_vocab_size(self) -> int:
         return self.student.get_output_embeddings().weight.shape[0]
@@ -92,6 +109,10 @@ class DistillationMethod(nn.Module):
     requires_same_tokenizer: ClassVar[bool] = False  # e.g. plain KD over a shared vocabulary
     # Allowed values of hyperparameters beyond their annotated type (module docstring).
     hparam_limits: ClassVar[dict[str, str | tuple | Callable[[Any], str | None]]] = {}
+    # Per tokenizer pair precomputation (:meth:`precompute`): the constructor argument that takes
+    # the file's path, and the file's suffix. None: the method precomputes nothing.
+    precomputed_arg: ClassVar[str | None] = None
+    precomputed_suffix: ClassVar[str] = ""
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
@@ -114,6 +135,23 @@ class DistillationMethod(nn.Module):
         method = cls(ctx, **hparams)
         method.name = name
         return method
+
+    @classmethod
+    def precompute(cls, student_side, teacher_side, path: Path) -> dict:
+        """Write what the method needs once per tokenizer pair (e.g. a vocabulary map) to ``path``.
+
+        The workflow's ``precompute`` rule calls it (``ctdbench precompute``) for every pair the
+        method runs on, and the run's spec passes ``path`` as the hyperparameter named by
+        ``precomputed_arg`` (unless the config sets it), so each run only loads the file.
+
+        Args:
+            student_side / teacher_side: the pair's ``ctdbench.data.Side`` (tokenizer, byte table).
+            path: the file to write, whole or not at all (a parallel reader never sees half of it).
+
+        Returns:
+            A receipt (JSON-serialisable: counts, what was found) written beside the file.
+        """
+        raise NotImplementedError(f"{cls.__name__} declares no per-pair precomputation")
 
     def prepare(self, examples: list) -> dict[str, torch.Tensor]:
         """Collator hook (CPU, data-loader side): precompute alignments, byte targets, ...

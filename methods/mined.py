@@ -28,8 +28,8 @@ exactly one j and map(x_i) = x_j. Both sides' BOS (position 0) are aligned: the 
     L  = (1 - kd_rate) CE + kd_rate KD,   kd_rate 0.5, T 2.0, no T^2 factor
 
 The map is cached: ``map_path`` (may contain ``{key}``, a digest of both byte tables) is loaded
-if present, else computed and saved there. Build it ahead with
-``python -m methods.mined --teacher-tokenizer DIR --student-tokenizer DIR --map-path PATH``.
+if present, else computed and saved there. The workflow builds it once per pair ahead of the runs
+(:meth:`MinED.precompute`, rule ``precompute``) and passes its path as ``map_path``.
 
 Deviations (each with the reason):
     - Edit distances on exact token bytes (tokenkit: byteified strings, the same thing); DSKD
@@ -51,11 +51,8 @@ Deviations (each with the reason):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import time
 from pathlib import Path
 
 import editdistance
@@ -281,6 +278,7 @@ class MinED(DistillationMethod):
     needs_teacher = True
     hparam_limits = {"kd_rate": "[0, 1]", "temperature": "(0, inf)", "alignment": ("chunks", "dtw"),
                      "map_path": under_results}
+    precomputed_arg, precomputed_suffix = "map_path", ".npy"  # np.savez's archive, under its historical name
 
     def __init__(self, ctx, kd_rate: float = 0.5, temperature: float = 2.0, alignment: str = "chunks",
                  map_path: str | None = None):
@@ -298,6 +296,16 @@ class MinED(DistillationMethod):
         self.kd_rate, self.temperature, self.alignment = kd_rate, temperature, alignment
         self._dtw = _DTWAligner(ctx.teacher_token_bytes, ctx.student_token_bytes, vocab_map) if alignment == "dtw" else None
 
+    @classmethod
+    def precompute(cls, student_side, teacher_side, path):
+        """The pair's map at ``path`` (found there if already built), with exact / fuzzy / special counts."""
+        t, s = teacher_side.token_bytes, student_side.token_bytes
+        vocab_map, path = load_or_build_map(str(path), t, s)
+        exact = int(sum(b is not None and b == t[i] for b, i in zip(s, vocab_map.tolist()) if i >= 0))
+        special = int((vocab_map < 0).sum())
+        return {"map": str(path), "key": pair_key(t, s), "student_ids": len(s), "special": special, "exact": exact,
+                "fuzzy": len(s) - special - exact}
+
     def prepare(self, examples):
         return {"mined_teacher_pos": self._dtw(examples) if self._dtw else chunk_positions(examples)}
 
@@ -306,32 +314,3 @@ class MinED(DistillationMethod):
                                         teacher_out.logits, batch["mined_teacher_pos"], self.vocab_map,
                                         kd_rate=self.kd_rate, temperature=self.temperature)
         return loss, {"ce": ce.item(), "kd": kd.item(), "aligned": frac.item()}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Build (or find) the cached map of one tokenizer pair; print (and optionally write) a receipt."""
-    from ctdbench.tokbytes import token_bytes
-    from ctdbench.tokenizers import load_tokenizer
-
-    p = argparse.ArgumentParser(prog="python -m methods.mined", description=main.__doc__)
-    p.add_argument("--teacher-tokenizer", required=True)
-    p.add_argument("--student-tokenizer", required=True)
-    p.add_argument("--map-path", required=True, help="the method's map_path ('{key}' allowed)")
-    p.add_argument("--receipt", help="also write the receipt JSON here (a fixed per-pair workflow output)")
-    args = p.parse_args(argv)
-    t, s = (token_bytes(load_tokenizer(d)) for d in (args.teacher_tokenizer, args.student_tokenizer))
-    start = time.perf_counter()
-    vocab_map, path = load_or_build_map(args.map_path, t, s)
-    receipt = {"map": str(path), "key": pair_key(t, s), "seconds": round(time.perf_counter() - start, 3),
-               "student_ids": len(s), "special": int((vocab_map < 0).sum()),
-               "exact": int(sum(b is not None and b == t[i] for b, i in zip(s, vocab_map.tolist()) if i >= 0))}
-    receipt["fuzzy"] = len(s) - receipt["special"] - receipt["exact"]
-    text = json.dumps(receipt, indent=2) + "\n"
-    if args.receipt:
-        Path(args.receipt).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.receipt).write_text(text)
-    print(text, end="")
-
-
-if __name__ == "__main__":
-    main()

@@ -135,10 +135,7 @@ def _models(student_side, teacher_side):
 
 def _loss(name, student_side, teacher_side, segments, models):
     student, teacher = models
-    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=student_side.token_bytes,
-                        teacher_token_bytes=teacher_side.token_bytes, same_tokenizer=student_side is teacher_side,
-                        student_special_ids=list(student_side.tokenizer.all_special_ids),
-                        teacher_special_ids=list(teacher_side.tokenizer.all_special_ids))
+    ctx = MethodContext.from_sides(student, teacher, student_side, teacher_side)
     method = methods.build(name, ctx, {})
     data = PairedDataset(segments, student_side, teacher_side)
     batch = collate([data[i] for i in range(len(data))], data, method)

@@ -124,7 +124,7 @@ def test_every_stage_and_argument_has_help_text():
     for name, sub in stages.choices.items():
         undocumented += [f"{name} {a.dest}" for a in sub._actions if not a.help or a.help == argparse.SUPPRESS]
         sub.format_help()  # every %(default)s expands
-    assert not undocumented and len(stages.choices) == 10
+    assert not undocumented and len(stages.choices) == 11
 
 
 # ----------------------------------------------------------------------------------------- errors

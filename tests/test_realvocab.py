@@ -224,11 +224,8 @@ def real_pairs(side_of):
 def test_every_collator_aligns_the_same_bytes(real_pairs, student, method, tmp_path):
     data, s_side, t_side = real_pairs[student]
     tiny = {"arch": "gpt_neox", "layers": 1, "hidden": 16, "heads": 2, "ffn": 32}
-    ctx = MethodContext(student=build_model(tiny, s_side.tokenizer, seed=0, max_positions=4096),
-                        teacher=build_model(tiny, t_side.tokenizer, seed=0, max_positions=4096),
-                        student_token_bytes=s_side.token_bytes, teacher_token_bytes=t_side.token_bytes,
-                        same_tokenizer=False, student_special_ids=list(s_side.tokenizer.all_special_ids),
-                        teacher_special_ids=list(t_side.tokenizer.all_special_ids))
+    ctx = MethodContext.from_sides(build_model(tiny, s_side.tokenizer, seed=0, max_positions=4096),
+                                   build_model(tiny, t_side.tokenizer, seed=0, max_positions=4096), s_side, t_side)
     hparams = {}
     if method == "mined":  # the map's content is not the collator's business (tested above): a stand-in
         hparams["map_path"] = str(tmp_path / "map.npz")

@@ -49,11 +49,7 @@ def test_every_method_takes_a_finite_step_on_a_top_k_cache(method_name, top_k_se
     cls = methods.get(name)[0]
     data, teacher, cache = top_k_setups[cls.requires_same_tokenizer]
     student = build_model(STUDENT, data.student.tokenizer, seed=0, max_positions=256)
-    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=data.student.token_bytes,
-                        teacher_token_bytes=data.teacher.token_bytes,
-                        same_tokenizer=data.student.token_bytes == data.teacher.token_bytes,
-                        student_special_ids=list(data.student.tokenizer.all_special_ids),
-                        teacher_special_ids=list(data.teacher.tokenizer.all_special_ids), teacher_top_k=K)
+    ctx = MethodContext.from_sides(student, teacher, data.student, data.teacher, teacher_top_k=K)
     if cls.needs_full_teacher_vocab:
         with pytest.raises(ValueError, match=f"full next-token distribution.*top-{K} cache"):
             methods.build(name, ctx)
@@ -111,7 +107,7 @@ def test_top_k_without_the_cache_is_refused():
     config["distill"].update(teacher_cache=False, teacher_cache_top_k=64)  # it would do nothing
     with pytest.raises(ctd_config.ConfigError, match="'distill.teacher_cache_top_k': has no effect without"):
         ctd_config.validate(config)
-    assert specs.teacher_cache_top_k(config) is None
+    assert ctd_config.teacher_cache_top_k(config) is None
 
 
 def test_config_rejects_a_method_that_needs_the_full_teacher():

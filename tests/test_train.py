@@ -71,8 +71,7 @@ def setup(sides, corpus_texts):
 
     def make(method="sft", seed=0, **hp):
         student = build_model(MODEL, student_side.tokenizer, seed=seed, max_positions=256)
-        ctx = MethodContext(student=student, teacher=teacher_model, student_token_bytes=student_side.token_bytes,
-                            teacher_token_bytes=teacher_side.token_bytes, same_tokenizer=False)
+        ctx = MethodContext.from_sides(student, teacher_model, student_side, teacher_side)
         if isinstance(method, str):
             method = build(method, ctx, seed=seed)
         else:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -75,7 +76,44 @@ def test_plots_target_regenerates_figures_without_training(smoke_run, run_snakem
 def test_default_config_plans(tmp_path, run_snakemake):
     result = run_snakemake(tmp_path, "-n", "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "teacher_cache" in result.stdout and "distill" in result.stdout
+    names = re.findall(r"^rule (\w+):$", result.stdout, re.M)
+    assert {"teacher_cache", "distill"} <= set(names)
+    assert (names.count("distill"), names.count("precompute")) == (84, 3)  # MinED's map for each of 3 pairs
+
+
+LOCAL_RULES = """
+import json
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+with SnakemakeApi(OutputSettings()) as api:
+    workflow = api.workflow(resource_settings=ResourceSettings(cores=2), config_settings=ConfigSettings(),
+                            snakefile=Path({snakefile!r}), workdir=Path({workdir!r}))._workflow
+    print(json.dumps([sorted(workflow._localrules), sorted(r.name for r in workflow.rules)]))
+"""
+
+
+def test_light_rules_run_where_snakemake_runs(tmp_path):
+    """The jobs of seconds are never cluster jobs (``localrules``); the rest may be."""
+    import subprocess
+    import sys
+
+    code = LOCAL_RULES.format(snakefile=str(REPO / "Snakefile"), workdir=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    local, every = map(set, json.loads(result.stdout.strip().splitlines()[-1]))
+    assert local == {"all", "corpus", "eval_data", "tokenizer", "summary", "plots"}
+    assert every - local == {"teacher", "teacher_cache", "precompute", "distill", "evaluate_teacher", "evaluate_student"}
+
+
+@pytest.mark.parametrize("config", ["smoke.yaml", "default.yaml"])
+def test_snakemake_lint_is_clean(tmp_path, run_snakemake, config):
+    """The Snakemake catalogue's checks: software per rule, no globals in shell commands, no
+    hard-coded path prefixes in params, ... (``snakemake --lint``: 0 findings)."""
+    result = run_snakemake(tmp_path, "--lint", "--configfile", str(REPO / "workflows/config" / config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Lints for" not in output, output[-5000:]
+    assert "your workflow is in a good condition" in output
 
 
 def test_invalid_config_fails_before_any_job(tmp_path, run_snakemake):
@@ -99,7 +137,6 @@ def shell_commands(rules: Path) -> list[str]:
 def test_rule_commands_quote_every_path():
     """Config text reaches a shell command only as shell-quoted JSON (``as_arg``) or inside a
     path, and every path placeholder of a rule's command is quoted (``:q``)."""
-    import re
 
     placeholder = re.compile(r"\{([^{}]+)\}")
     trusted = {"params.spec", "params.cache", "threads", "resources.gpu"}  # quoted JSON, quoted option, numbers

@@ -154,8 +154,7 @@ def test_chunks_are_tokenkits_on_real_sentencepiece_output(tokenizers, corpus_te
     student, teacher = (sp, bpe) if sp_side == "student" else (bpe, sp)
     data = PairedDataset([s for t in corpus_texts for s in segment_text(t, 80)][:6], student, teacher)
     examples = [data[i] for i in range(len(data))]
-    ctx = MethodContext(student=None, teacher=None, student_token_bytes=student.token_bytes,
-                        teacher_token_bytes=teacher.token_bytes, same_tokenizer=False)
+    ctx = MethodContext.from_sides(None, None, student, teacher)
     batch = methods.build("alm", ctx).prepare(examples)
     bare = 0
     for b, ex in enumerate(examples):
@@ -192,8 +191,7 @@ def test_whole_loss_matches_a_naive_implementation(tokenizers, corpus_texts, nam
     data = PairedDataset([Segment(t, ((len(t) // 3, 2 * len(t) // 3),)) for t in texts], student_side, teacher_side)
     student = build_model(STUDENT, student_side.tokenizer, seed=0, max_positions=256)
     teacher = build_model(TEACHER, teacher_side.tokenizer, seed=1, max_positions=256)
-    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=student_side.token_bytes,
-                        teacher_token_bytes=teacher_side.token_bytes, same_tokenizer=False)
+    ctx = MethodContext.from_sides(student, teacher, student_side, teacher_side)
     method = methods.build(name, ctx, hp)
     examples = [data[i] for i in range(len(data))]
     batch = collate(examples, data, method)

@@ -26,11 +26,7 @@ def setup_pair(student_side, teacher_side, texts, n=4, **hp):
     data = PairedDataset(segments, student_side, teacher_side)
     student = build_model(STUDENT, student_side.tokenizer, seed=0, max_positions=256)
     teacher = build_model(TEACHER, teacher_side.tokenizer, seed=1, max_positions=256)
-    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=student_side.token_bytes,
-                        teacher_token_bytes=teacher_side.token_bytes,
-                        same_tokenizer=student_side.token_bytes == teacher_side.token_bytes,
-                        student_special_ids=list(student_side.tokenizer.all_special_ids),
-                        teacher_special_ids=list(teacher_side.tokenizer.all_special_ids))
+    ctx = MethodContext.from_sides(student, teacher, student_side, teacher_side)
     method = build("bld", ctx, hp)
     batch = collate([data[i] for i in range(len(data))], data, method)
     return data, student, teacher, method, batch

@@ -197,9 +197,7 @@ def _pair(tokenizers, corpus_texts, student_kind):
     data = PairedDataset([s for t in corpus_texts for s in segment_text(t, 96)][:5], s_side, t_side)
     student = build_model(STUDENT, s_side.tokenizer, seed=0, max_positions=256)
     teacher = build_model(TEACHER, t_side.tokenizer, seed=0, max_positions=256)  # grads left enabled
-    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=s_side.token_bytes,
-                        teacher_token_bytes=t_side.token_bytes, same_tokenizer=False)
-    return data, student, teacher, methods.build("dskd", ctx)
+    return data, student, teacher, methods.build("dskd", MethodContext.from_sides(student, teacher, s_side, t_side))
 
 
 @pytest.mark.parametrize("student_kind", ["sentencepiece_bpe", "byte"])

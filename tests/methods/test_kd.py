@@ -145,17 +145,11 @@ def test_fused_ce_kl_matches_autograd(block, monkeypatch):
     assert loss.item() == ce.item() == kl.item() == 0 and (a.grad == 0).all()
 
 
-def _ctx(student_side, teacher_side, student=None, teacher=None):
-    return MethodContext(student=student, teacher=teacher, student_token_bytes=student_side.token_bytes,
-                         teacher_token_bytes=teacher_side.token_bytes,
-                         same_tokenizer=student_side.token_bytes == teacher_side.token_bytes)
-
-
 def test_kd_refuses_mismatched_tokenizers(sides):
     student_side, teacher_side = sides
     assert methods.get("kd")[0].requires_same_tokenizer  # config validation refuses it too
     with pytest.raises(ValueError, match="student must use the teacher's tokenizer"):
-        methods.build("kd", _ctx(student_side, teacher_side))
+        methods.build("kd", MethodContext.from_sides(None, None, student_side, teacher_side))
     lying = MethodContext(student=None, teacher=None, student_token_bytes=student_side.token_bytes,
                           teacher_token_bytes=teacher_side.token_bytes, same_tokenizer=True)
     with pytest.raises(ValueError, match="same bytes: False"):
@@ -167,7 +161,7 @@ def test_kd_on_real_same_tokenizer_pair(tokenizers, corpus_texts):
     data = PairedDataset([s for t in corpus_texts for s in segment_text(t, 96)][:6], side, side)
     student = build_model(MODEL, side.tokenizer, seed=0, max_positions=256)
     teacher = build_model(MODEL, side.tokenizer, seed=0, max_positions=256).requires_grad_(False)
-    method = methods.build("kd", _ctx(side, side, student, teacher))
+    method = methods.build("kd", MethodContext.from_sides(student, teacher, side, side))
     assert (method.kd_rate, method.temperature) == (0.5, 2.0)
     batch = collate([data[i] for i in range(len(data))], data, method)
     kwargs = lambda p: dict(input_ids=batch[f"{p}_input_ids"], attention_mask=batch[f"{p}_attention_mask"])  # noqa: E731

@@ -1,4 +1,4 @@
-"""MinED: the vocabulary map against a brute-force edit-distance search, its cache and CLI, the
+"""MinED: the vocabulary map against a brute-force edit-distance search, its cache and precompute stage, the
 1:1-chunk and DTW alignments (DTW against the upstream algorithm), the loss against a naive
 implementation of DSKD's formulation, and real tokenizer pairs."""
 
@@ -18,7 +18,7 @@ from ctdbench.data import PairedDataset, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.tokbytes import TokenSpans, token_bytes
 from methods.base import MethodContext
-from methods.mined import (_DTWAligner, byte_fallback_ids, chunk_positions, dtw_paths, load_or_build_map, main, mined_loss,
+from methods.mined import (_DTWAligner, byte_fallback_ids, chunk_positions, dtw_paths, load_or_build_map, mined_loss,
                            mined_map, pair_key)
 
 STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
@@ -100,26 +100,32 @@ def test_map_takes_normal_pieces_before_byte_fallback_ones():
     assert mined_map([None, b"a", b"!", b"a"], [b"a"]).tolist() == [1]
 
 
-def test_map_cache_and_cli(tmp_path, tokenizers, monkeypatch):
+def test_map_cache_and_precompute_stage(tmp_path, tokenizers, monkeypatch):
+    from ctdbench import cli
+
     t, s = token_bytes(tokenizers["bytelevel_bpe"]), token_bytes(tokenizers["sentencepiece_bpe"])
     template = str(tmp_path / "maps" / "{key}.npz")
     built, path = load_or_build_map(template, t, s)
     assert path.name == f"{pair_key(t, s)}.npz" and path.exists()
+    # The workflow's stage (the generic precompute hook) writes the same bytes at its path.
+    dirs = {}
+    for kind in ("bytelevel_bpe", "sentencepiece_bpe"):
+        tokenizers[kind].save_pretrained(tmp_path / kind)
+        dirs[kind] = str(tmp_path / kind)
+    out, receipt_path = tmp_path / "maps" / "p" / "mined.npy", tmp_path / "maps" / "p" / "mined.npy.json"
+    cli.main(["precompute", "--spec", json.dumps({"method": "mined"}), "--teacher-tokenizer", dirs["bytelevel_bpe"],
+              "--student-tokenizer", dirs["sentencepiece_bpe"], "--out", str(out), "--receipt", str(receipt_path)])
+    assert out.read_bytes() == path.read_bytes()
+    receipt = json.loads(receipt_path.read_text())
+    assert receipt["map"] == str(out) and receipt["key"] == pair_key(t, s)
+    assert receipt["exact"] == sum(b in set(t) for b in s if b is not None) and receipt["special"] == s.count(None)
+    assert receipt["exact"] + receipt["fuzzy"] + receipt["special"] == len(s)
     monkeypatch.setattr("methods.mined.mined_map", lambda *a, **k: pytest.fail("recomputed"))
     loaded, _ = load_or_build_map(template, t, s)
     assert np.array_equal(loaded, built)
     with pytest.raises(ValueError, match="another tokenizer pair"):
         load_or_build_map(str(path), s, t)
     assert pair_key(t, s) != pair_key(s, t)
-    # The CLI finds the same file through the tokenizer directories.
-    dirs = {}
-    for kind in ("bytelevel_bpe", "sentencepiece_bpe"):
-        tokenizers[kind].save_pretrained(tmp_path / kind)
-        dirs[kind] = str(tmp_path / kind)
-    main(["--teacher-tokenizer", dirs["bytelevel_bpe"], "--student-tokenizer", dirs["sentencepiece_bpe"],
-          "--map-path", template, "--receipt", str(tmp_path / "receipt.json")])
-    receipt = json.loads((tmp_path / "receipt.json").read_text())
-    assert receipt["map"] == str(path) and receipt["exact"] + receipt["fuzzy"] + receipt["special"] == len(s)
 
 
 def test_chunk_positions_one_to_one_only():
@@ -179,9 +185,7 @@ def _pair(tokenizers, corpus_texts, student_kind, teacher_kind="bytelevel_bpe", 
     student = build_model(STUDENT, s_side.tokenizer, seed=0, max_positions=256)
     teacher = build_model(TEACHER if teacher_kind != student_kind else STUDENT, t_side.tokenizer, seed=0,
                           max_positions=256).requires_grad_(False)
-    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=s_side.token_bytes,
-                        teacher_token_bytes=t_side.token_bytes, same_tokenizer=s_side.token_bytes == t_side.token_bytes)
-    return data, student, teacher, ctx
+    return data, student, teacher, MethodContext.from_sides(student, teacher, s_side, t_side)
 
 
 def test_dtw_aligner_equals_upstream_on_real_examples(tokenizers, corpus_texts):

@@ -274,8 +274,7 @@ def real_step(pair, name, corpus_texts, same_weights=False, **hp):
     data = PairedDataset([s for t in corpus_texts for s in segment_text(t, 96)][:3], student_side, teacher_side)
     teacher = build_model(TEACHER, teacher_side.tokenizer, seed=0, max_positions=256)
     student = teacher if same_weights else build_model(STUDENT, student_side.tokenizer, seed=1, max_positions=256)
-    ctx = MethodContext(student=student, teacher=teacher, student_token_bytes=student_side.token_bytes,
-                        teacher_token_bytes=teacher_side.token_bytes, same_tokenizer=student_side is teacher_side)
+    ctx = MethodContext.from_sides(student, teacher, student_side, teacher_side)
     method = methods.build(name, ctx, hp)
     batch = collate([data[i] for i in range(3)], data, method)
     loss, logs = step_loss(student, method, OnlineTeacher(copy.deepcopy(teacher)), batch)

@@ -1,21 +1,28 @@
 # Helpers shared by the rules: paths, target lists and per-job specs. No rules here.
 import json
+import os
 import re
 import shlex
 
 from snakemake.exceptions import WorkflowError
 
+from ctdbench import layout
 from ctdbench import specs as ctd_specs
 from ctdbench.config import accelerate_config, pair_methods, trained_teachers
 from ctdbench.config import pairs as config_pairs
 
-RESULTS = f"results/{config['name']}"
-LOGS = f"{RESULTS}/logs"
-BENCH = f"{RESULTS}/benchmarks"
+# Every path comes from ctdbench.layout, which the specs and `ctdbench bench` also use.
+RESULTS = layout.results_dir(config)
+DATA = layout.data_dir(RESULTS)
+LOGS = layout.logs_dir(RESULTS)
+BENCH = layout.benchmarks_dir(RESULTS)
+RUN = layout.run_dir(RESULTS, "{pair}", "{method}", "{seed}")
 PAIRS = config_pairs(config)
 METHODS = sorted({m for p in PAIRS for m in pair_methods(config, p)})
 SEEDS = config["run"]["seeds"]
-RUN = RESULTS + "/{pair}/{method}/seed{seed}"
+
+# The software of every job under `--sdm conda` (relative to the rule files).
+CONDA_ENV = "../envs/ctdbench.yaml"
 
 # Names are validated safe words (ctdbench.config); escaped, '.' and '+' match only themselves.
 wildcard_constraints:
@@ -35,6 +42,16 @@ def as_arg(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 
+def input_folder(name):
+    """params: the folder of the job's input ``name`` (follows the input, unlike a written-out prefix)."""
+    return lambda wildcards, input: os.path.dirname(getattr(input, name))
+
+
+def output_folder(name):
+    """params: the folder of the job's output ``name``."""
+    return lambda wildcards, output: os.path.dirname(getattr(output, name))
+
+
 def teacher_of(pair):
     return config["pairs"][pair]["teacher"]
 
@@ -43,9 +60,21 @@ def tokenizer_of_teacher(teacher):
     return config["teachers"][teacher]["tokenizer"]
 
 
+def teacher_tokenizer_dir(wildcards):
+    return layout.tokenizer_dir(RESULTS, tokenizer_of_teacher(teacher_of(wildcards.pair)))
+
+
+def student_tokenizer_dir(wildcards):
+    return layout.tokenizer_dir(RESULTS, config["pairs"][wildcards.pair]["student_tokenizer"])
+
+
+def teacher_dir(teacher):
+    return layout.teacher_dir(RESULTS, teacher)
+
+
 def all_runs(filename):
     return [
-        f"{RESULTS}/{pair}/{method}/seed{seed}/{filename}"
+        f"{layout.run_dir(RESULTS, pair, method, seed)}/{filename}"
         for pair in PAIRS for method in pair_methods(config, pair) for seed in SEEDS
     ]
 
@@ -72,7 +101,7 @@ if job_gpus() > 1 and GPU_LIMIT is not None and GPU_LIMIT.value < job_gpus():
 
 
 def ctdbench_command(multi_gpu):
-    """How a training rule starts ctdbench: directly, or one process per GPU of the job.
+    """How a training job starts ctdbench, directly or as one process per GPU of the job.
 
     Chosen when the workflow is parsed, so one-GPU configs keep their exact shell command
     (Snakemake reruns the jobs whose command changed).

@@ -3,31 +3,38 @@
 
 rule corpus:
     output:
-        train=f"{RESULTS}/data/train.jsonl",
-        validation=f"{RESULTS}/data/validation.jsonl",
-        test=f"{RESULTS}/data/test.jsonl",
-        meta=f"{RESULTS}/data/corpus.json",
+        train=f"{DATA}/train.jsonl",
+        validation=f"{DATA}/validation.jsonl",
+        test=f"{DATA}/test.jsonl",
+        meta=f"{DATA}/corpus.json",
     params:
         spec=as_arg(config["corpus"]),
+        out=output_folder("train"),
     log:
         f"{LOGS}/corpus.log",
     benchmark:
         f"{BENCH}/corpus.tsv"
+    conda:
+        CONDA_ENV
     shell:
-        "ctdbench corpus --spec {params.spec} --out {RESULTS:q}/data --cache resources --root {workflow.basedir:q} > {log:q} 2>&1"
+        "ctdbench corpus --spec {params.spec} --out {params.out:q} --cache resources > {log:q} 2>&1"
 
 
 rule eval_data:
     input:
-        rules.corpus.output.test,
+        test=rules.corpus.output.test,
     output:
-        heldout=f"{RESULTS}/data/eval/heldout.jsonl",
-        cloze=f"{RESULTS}/data/eval/cloze.jsonl",
+        heldout=f"{DATA}/eval/heldout.jsonl",
+        cloze=f"{DATA}/eval/cloze.jsonl",
     params:
         spec=as_arg(ctd_specs.evaluate_spec(config)),
+        data=input_folder("test"),
+        out=output_folder("heldout"),
     log:
         f"{LOGS}/eval_data.log",
     benchmark:
         f"{BENCH}/eval_data.tsv"
+    conda:
+        CONDA_ENV
     shell:
-        "ctdbench eval-data --spec {params.spec} --data {RESULTS:q}/data --out {RESULTS:q}/data/eval > {log:q} 2>&1"
+        "ctdbench eval-data --spec {params.spec} --data {params.data:q} --out {params.out:q} > {log:q} 2>&1"

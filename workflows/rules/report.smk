@@ -6,9 +6,9 @@ rule summary:
     input:
         evals=all_runs("eval.json"),
         runs=all_runs("run.json"),
-        teachers=expand(f"{RESULTS}/teachers/{{teacher}}/eval.json", teacher=used_teachers()),
+        teachers=[f"{teacher_dir(t)}/eval.json" for t in used_teachers()],
     output:
-        report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Summary"),
+        summary=report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Summary"),
         tables=[f"{RESULTS}/{name}" for name in ("summary_stats.csv", "paired.csv", "transfer.csv", "headline.md")],
         figures=report(
             directory(f"{RESULTS}/figures"),
@@ -16,16 +16,24 @@ rule summary:
             caption="../report/figures.rst",
             category="Figures",
         ),
+    params:
+        results=output_folder("summary"),
     log:
         f"{LOGS}/summary.log",
     benchmark:
         f"{BENCH}/summary.tsv"
+    conda:
+        CONDA_ENV
     shell:
-        "ctdbench report {RESULTS:q} > {log:q} 2>&1"
+        "ctdbench report {params.results:q} > {log:q} 2>&1"
 
 
 rule plots:
+    params:
+        results=RESULTS,
     log:
         f"{LOGS}/plots.log",
+    conda:
+        CONDA_ENV
     shell:
-        "ctdbench report {RESULTS:q} 2>&1 | tee {log:q}"
+        "ctdbench report {params.results:q} 2>&1 | tee {log:q}"
