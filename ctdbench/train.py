@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ctdbench import parallel
 from ctdbench.data import PairedDataset, Schedule, chain_digest, collate
 from ctdbench.files import write_atomic
-from methods.base import token_cross_entropy
+from ctdbench.kernels import token_cross_entropy
 
 
 @dataclass

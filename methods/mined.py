@@ -63,9 +63,9 @@ import numpy as np
 import torch
 
 from ctdbench.align import span_chunks
+from ctdbench.kernels import ce_kl, shifted_targets
 from methods import register
-from methods.base import DistillationMethod, shifted_targets, under_results
-from methods.kd import ce_kl
+from methods.base import DistillationMethod, under_results
 
 
 def mined_map(teacher_token_bytes: list[bytes | None], student_token_bytes: list[bytes | None],

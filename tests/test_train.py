@@ -21,7 +21,8 @@ from ctdbench.train import (
     train,
 )
 from methods import build
-from methods.base import DistillationMethod, MethodContext, token_cross_entropy
+from ctdbench.kernels import token_cross_entropy
+from methods.base import DistillationMethod, MethodContext
 
 MODEL = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
