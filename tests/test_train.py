@@ -1,6 +1,7 @@
 """The one training loop: schedule, identical budgets, resume, NaN handling, logs."""
 
 import json
+import math
 import re
 
 import pytest
@@ -18,7 +19,9 @@ from ctdbench.train import (
     make_optimizer,
     remove_checkpoint,
     running_log_path,
+    TrainingModule,
     train,
+    validation_bpb,
 )
 from methods import build
 from ctdbench.kernels import token_cross_entropy
@@ -41,10 +44,11 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 class _TeacherCE(DistillationMethod):
     """A teacher-using test method: CE plus a trivial use of the teacher logits."""
 
-    def __init__(self, ctx, nan_at: int = -1, interrupt_at: int = -1, nan_grad: tuple[int, int] = (-1, -1)):
+    def __init__(self, ctx, nan_at: int = -1, interrupt_at: int = -1, nan_grad: tuple[int, int] = (-1, -1),
+                 inf_at: int = -1):
         super().__init__(ctx)
         self.head = torch.nn.Linear(2, 2)  # owns parameters, like BLD/DSKD
-        self.calls, self.nan_at, self.interrupt_at = 0, nan_at, interrupt_at
+        self.calls, self.nan_at, self.interrupt_at, self.inf_at = 0, nan_at, interrupt_at, inf_at
         self.nan_grad_from, self.nan_grad_segment = nan_grad  # from this call on, a batch holding that segment
 
     def loss(self, batch, student_out, teacher_out):
@@ -55,6 +59,8 @@ class _TeacherCE(DistillationMethod):
         loss = ce + 0.0 * teacher_out.logits.mean() + 0.0 * self.head.weight.sum()
         if self.calls - 1 == self.nan_at:
             loss = loss * float("nan")
+        if self.calls - 1 == self.inf_at:
+            loss = loss + float("inf")  # an infinite loss with a finite gradient
         if self.calls > self.nan_grad_from >= 0 and self.nan_grad_segment in batch["index"].tolist():
             # a finite loss term (0) whose gradient is 0 x inf = NaN
             loss = loss + 0.0 * (self.head.weight - self.head.weight.detach()).abs().sqrt().sum()
@@ -223,6 +229,38 @@ def test_nan_loss_stops_with_step_and_batch(setup, tmp_path):
     student, method = make(_TeacherCE, nan_at=2)
     with pytest.raises(NonFiniteLossError, match=r"at step 2 .*segments \[\d+, \d+, \d+, \d+\]"):
         train(student, method, data, TrainConfig(**CFG), tmp_path, seed=0, teacher=teacher, progress=False)
+
+
+@pytest.mark.parametrize("bad", ["nan_at", "inf_at"])
+def test_non_finite_loss_of_a_later_micro_batch_stops_before_the_update(setup, tmp_path, monkeypatch, bad):
+    """The losses are checked once per step, after the micro-batches' backward passes: still the
+    run stops naming the micro-batch, and nothing of the step reaches the weights or a checkpoint."""
+    data, val, teacher, make = setup
+    cfg = TrainConfig(**{**CFG, "grad_accum": 2})
+    student, method = make(_TeacherCE, **{bad: 2 * 3 + 1})  # step 3, micro-batch 1
+    segments = Schedule(len(data), cfg.batch_size, seed=0).indices(3)[2:]
+    updates = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or adamw_step(self, *a, **k))
+    with pytest.raises(NonFiniteLossError, match=re.escape(f"at step 3 (micro-batch 1); segments {segments}")):
+        train(student, method, data, cfg, tmp_path, seed=0, teacher=teacher, progress=False)
+    assert len(updates) == 3
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert torch.load(checkpoint_path(tmp_path), weights_only=True)["counters"]["optimizer_steps"] == 2
+
+
+def test_validation_bpb_is_the_naive_bits_per_byte(setup):
+    """Sum over the segments of -log2 p(next token), each segment alone and unpadded, over their bytes."""
+    data, val, teacher, make = setup
+    student, method = make("sft")
+    nats = 0.0
+    for i in range(len(val)):
+        ids = torch.tensor([val[i].student.ids])
+        logp = student(input_ids=ids).logits.log_softmax(-1)[0, :-1]
+        nats -= logp.gather(-1, ids[0, 1:, None]).sum().item()
+    n_bytes = sum(len(val[i].text) for i in range(len(val)))
+    got = validation_bpb(TrainingModule(student, method), val, torch.device("cpu"), batch_size=3)
+    assert got == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_log_rows_and_learning(setup, tmp_path):
