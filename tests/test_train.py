@@ -208,20 +208,31 @@ def test_a_torn_last_log_line_does_not_block_resuming(setup, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 6
 
 
-def test_nan_gradient_at_the_last_step_stops_before_the_update(setup, tmp_path, monkeypatch):
+@pytest.fixture
+def updates(monkeypatch) -> list:
+    """One entry per optimizer update (AdamW.step call)."""
+    calls = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append(1) or adamw_step(self, *a, **k))
+    return calls
+
+
+def _applied_and_saved(student, run_dir) -> tuple[bool, int]:
+    """Whether the weights are finite, and the optimizer steps of the run's checkpoint."""
+    finite = all(torch.isfinite(p).all() for p in student.parameters())
+    return finite, torch.load(checkpoint_path(run_dir), weights_only=True)["counters"]["optimizer_steps"]
+
+
+def test_nan_gradient_at_the_last_step_stops_before_the_update(setup, tmp_path, updates):
     data, val, teacher, make = setup
     cfg = TrainConfig(**{**CFG, "grad_accum": 2})
     last = Schedule(len(data), cfg.batch_size, seed=0).indices(cfg.steps - 1)
     student, method = make(_TeacherCE, nan_grad=(2 * 5, last[3]))  # step 5 (the last), micro-batch 1
-    updates = []
-    adamw_step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or adamw_step(self, *a, **k))
     with pytest.raises(NonFiniteGradientError, match=re.escape(f"at step 5: micro-batch 1 (segments {last[2:]}")):
         train(student, method, data, cfg, tmp_path, seed=0, teacher=teacher, progress=False)
     # Steps 0-4 were applied, step 5 was not; the weights stay finite and the checkpoint is step 4's.
     assert len(updates) == 5
-    assert all(torch.isfinite(p).all() for p in student.parameters())
-    assert torch.load(checkpoint_path(tmp_path), weights_only=True)["counters"]["optimizer_steps"] == 4
+    assert _applied_and_saved(student, tmp_path) == (True, 4)
 
 
 def test_nan_loss_stops_with_step_and_batch(setup, tmp_path):
@@ -232,21 +243,17 @@ def test_nan_loss_stops_with_step_and_batch(setup, tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["nan_at", "inf_at"])
-def test_non_finite_loss_of_a_later_micro_batch_stops_before_the_update(setup, tmp_path, monkeypatch, bad):
+def test_non_finite_loss_of_a_later_micro_batch_stops_before_the_update(setup, tmp_path, updates, bad):
     """The losses are checked once per step, after the micro-batches' backward passes: still the
     run stops naming the micro-batch, and nothing of the step reaches the weights or a checkpoint."""
     data, val, teacher, make = setup
     cfg = TrainConfig(**{**CFG, "grad_accum": 2})
     student, method = make(_TeacherCE, **{bad: 2 * 3 + 1})  # step 3, micro-batch 1
     segments = Schedule(len(data), cfg.batch_size, seed=0).indices(3)[2:]
-    updates = []
-    adamw_step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or adamw_step(self, *a, **k))
     with pytest.raises(NonFiniteLossError, match=re.escape(f"at step 3 (micro-batch 1); segments {segments}")):
         train(student, method, data, cfg, tmp_path, seed=0, teacher=teacher, progress=False)
     assert len(updates) == 3
-    assert all(torch.isfinite(p).all() for p in student.parameters())
-    assert torch.load(checkpoint_path(tmp_path), weights_only=True)["counters"]["optimizer_steps"] == 2
+    assert _applied_and_saved(student, tmp_path) == (True, 2)
 
 
 def test_validation_bpb_is_the_naive_bits_per_byte(setup):
