@@ -8,6 +8,9 @@ per-token string walk). Special tokens (``None``) carry no bytes and belong to n
 The SentencePiece dummy prefix: if one side's bytes are the other's with one extra leading space
 (``▁The`` vs ``The``), that space is dropped from the longer side's first token before aligning,
 as tokenkit's leading-space fix does.
+
+:func:`dtw_paths` is the other alignment the methods use: DSKD's dynamic time warping of two
+token sequences under a pairwise cost (MinED's ``dtw`` option), vectorised over a batch.
 """
 
 from __future__ import annotations
@@ -120,3 +123,40 @@ def target_chunks(found: np.ndarray, teacher_loss: list[bool] | None, student_lo
             misses = np.concatenate([[0], np.cumsum(~np.asarray(loss, dtype=bool))])  # non-targets before each token
             keep &= misses[c[:, hi]] == misses[c[:, lo]]
     return c[keep]
+
+
+def dtw_paths(cost: np.ndarray, n_t: np.ndarray, n_s: np.ndarray) -> np.ndarray:
+    """DSKD's DTW for a batch; [B, nS] teacher index matched alone to each student index (-1 = none).
+
+    Args:
+        cost: [B, nT, nS] pairwise costs (anything beyond an example's n_t x n_s is ignored).
+        n_t / n_s: [B] real lengths.
+    """
+    B, nT, nS = cost.shape
+    D = np.full((B, nT + 1, nS + 1), np.inf)
+    D[:, 0, 0] = 0.0
+    for r in range(1, nT + 1):
+        # D[r, j] = c_j + min(D[r-1, j], D[r-1, j-1], D[r, j-1]) as a prefix scan: with P the
+        # running cost sum, D[r] = P + cummin(U - P_shifted), U = min(up, diagonal).
+        P = np.cumsum(cost[:, r - 1], 1)
+        U = np.minimum(D[:, r - 1, 1:], D[:, r - 1, :-1])
+        D[:, r, 1:] = P + np.minimum.accumulate(U - (P - cost[:, r - 1]), axis=1)
+    # Backtrack pointers of every cell (diagonal, up, left; first minimum wins, as np.argmin upstream).
+    move = np.stack([D[:, :-1, :-1], D[:, :-1, 1:], D[:, 1:, :-1]]).argmin(0)           # [B, nT, nS]
+    cells = np.arange(B * nT * nS).reshape(B, nT, nS)
+    nxt = np.choose(move, [cells - nS - 1, cells - nS, cells - 1]).ravel()
+    nxt[cells[:, 0, 0]] = cells[:, 0, 0]                                                  # (0, 0) is terminal
+    steps = nT + nS
+    t = np.arange(steps)
+    cur = np.broadcast_to(cells[np.arange(B), n_t - 1, n_s - 1][:, None], (B, steps)).copy()
+    jump, k = nxt, 0
+    while (1 << k) < steps:  # pointer doubling: cur[b, t] = nxt^t(end_b)
+        cur = np.where((t >> k) & 1, jump[cur], cur)
+        jump, k = jump[jump], k + 1
+    first = np.concatenate([np.ones((B, 1), bool), cur[:, 1:] != cur[:, :-1]], 1)        # drop repeated (0, 0)
+    b, i, j = np.unravel_index(cur[first], (B, nT, nS))
+    counts, out = np.zeros((B, nS), np.int64), np.full((B, nS), -1, np.int64)
+    np.add.at(counts, (b, j), 1)
+    single = counts[b, j] == 1
+    out[b[single], j[single]] = i[single]
+    return out

@@ -66,9 +66,11 @@ class SingleProcess:
     def gather(self, obj) -> list:
         return [obj]
 
-    def clip_grad_norm(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    def clip_grad_norm(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+                       ) -> torch.Tensor:
+        """Clip the gradients to ``max_norm``; their norm before clipping (a tensor: no host sync)."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 class Ranks:
@@ -135,10 +137,11 @@ class Ranks:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def clip_grad_norm(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    def clip_grad_norm(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+                       ) -> torch.Tensor:
         # Gradients are already synchronised; under FSDP the norm is reduced over the shards.
         norm = self.accelerator.clip_grad_norm_(module.parameters(), max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return torch.as_tensor(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def gathered_state_dict(self, prefix: str) -> dict:
         """Full weights of the prepared module's submodule ``prefix``, on rank 0 ({} elsewhere). Collective."""

@@ -20,7 +20,10 @@ model and its record are saved (:func:`remove_checkpoint`).
 
 Every optimizer step checks the loss of each micro-batch and the gradient norm: a NaN or
 infinity stops the run naming the step and the micro-batch, before the update, before any
-checkpoint; nothing non-finite is ever saved.
+checkpoint; nothing non-finite is ever applied or saved. The losses stay on the device until then:
+the step reads the host once for this check (a fused flag over its micro-batches and the gradient
+norm), and the losses, terms and gradient norm themselves only at log and validation points. The
+budget counts come from the collated batches on the CPU.
 
 Under ``accelerate launch`` (or torchrun) N processes share each optimizer step: the global batch
 is cut into ``grad_accum`` x N micro-batches, rank r taking micro-batches r, r + N, ...; DDP or
@@ -49,7 +52,7 @@ from tqdm.auto import tqdm
 from ctdbench import parallel
 from ctdbench.data import PairedDataset, Schedule, chain_digest, collate
 from ctdbench.files import write_atomic
-from methods.base import token_cross_entropy
+from ctdbench.kernels import token_cross_entropy
 
 
 @dataclass
@@ -69,7 +72,6 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 1
     num_workers: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.batch_size % self.grad_accum:
@@ -109,8 +111,9 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def heldout_nll(student: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Summed next-token negative log-likelihood (nats) of the student side of ``batch``."""
+def heldout_nll(student: torch.nn.Module, method: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Summed next-token negative log-likelihood (nats) of the student side of ``batch`` (a
+    :class:`TrainingModule` objective; the method plays no part)."""
     ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
     return token_cross_entropy(student(input_ids=ids, attention_mask=mask).logits, ids, mask, reduction="sum")
 
@@ -128,9 +131,9 @@ def validation_bpb(model: torch.nn.Module, data: PairedDataset, device: torch.de
     model.eval()
     nll, n_bytes = 0.0, 0
     for start in range(0, len(data), batch_size):
-        batch = _to(collate([data[i] for i in range(start, min(len(data), start + batch_size))], data), device)
-        nll += model(batch, heldout=True).item()
+        batch = collate([data[i] for i in range(start, min(len(data), start + batch_size))], data)
         n_bytes += int(batch["n_bytes"].sum())
+        nll += model(_to(batch, device), heldout_nll).item()
     model.train(was_training)
     return nll / math.log(2) / n_bytes
 
@@ -153,13 +156,21 @@ def step_loss(student, method, teacher, batch: dict, *, force_teacher: bool = Fa
     return method.loss(batch, student_out, teacher_out)
 
 
+def training_loss(teacher):
+    """The :class:`TrainingModule` objective of a training micro-batch: the method's loss, with
+    ``teacher``'s outputs (:func:`step_loss`)."""
+    return lambda student, method, batch: step_loss(student, method, teacher, batch)
+
+
 class TrainingModule(torch.nn.Module):
-    """The student and the method's own parts as one module whose forward is one micro-batch's loss.
+    """The student and the method's own parts as one module whose forward computes an objective
+    (:func:`training_loss`, :func:`heldout_nll`) of one micro-batch.
 
     Several processes wrap this module: DDP synchronises the method's parameters (BLD's byte head,
     DSKD's projectors) with the student's; FSDP shards the student only, and a loss that reads
     student weights directly (DSKD) runs inside the wrapped forward, where FSDP has them
-    unsharded. The frozen teacher is an argument, not a submodule: it is never wrapped.
+    unsharded. The frozen teacher is an argument of the objective, not a submodule: it is never
+    wrapped.
     """
 
     def __init__(self, student: torch.nn.Module, method: torch.nn.Module):
@@ -168,11 +179,9 @@ class TrainingModule(torch.nn.Module):
         # FSDP's transformer-layer auto wrap finds the layer classes by these names.
         self._no_split_modules = getattr(student, "_no_split_modules", None)
 
-    def forward(self, batch: dict, teacher=None, *, heldout: bool = False):
-        """``step_loss`` of a training micro-batch, or (``heldout``) its :func:`heldout_nll`."""
-        if heldout:
-            return heldout_nll(self.student, batch)
-        return step_loss(self.student, self.method, teacher, batch)
+    def forward(self, batch: dict, objective):
+        """``objective(student, method, batch)``, inside the wrapper's forward."""
+        return objective(self.student, self.method, batch)
 
 
 class Checkpointer:
@@ -266,19 +275,6 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
 COUNTED = ("documents", "text_bytes", "student_tokens", "teacher_tokens", "teacher_forward_passes")
 
 
-def _whole_step(shares: list[dict]) -> dict:
-    """The ranks' shares of one step combined: counts added up, loss and logged terms averaged.
-
-    Each rank averaged its own ``grad_accum`` micro-batches, so the mean over ranks is the mean
-    over all micro-batches of the step (exactly the rank's value with one process).
-    """
-    whole = {key: sum(s[key] for s in shares) for key in COUNTED}
-    whole["loss"] = sum(s["loss"] for s in shares) / len(shares)
-    names = dict.fromkeys(k for s in shares for k in s["terms"])
-    whole["terms"] = {k: sum(s["terms"].get(k, 0.0) for s in shares) / len(shares) for k in names}
-    return whole
-
-
 def train(
     student: torch.nn.Module,
     method: torch.nn.Module,
@@ -314,125 +310,45 @@ def train(
     Raises:
         NonFiniteLossError, NonFiniteGradientError: naming the step and micro-batch.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if method.needs_teacher and teacher is None:
-        raise ValueError(f"method '{getattr(method, 'name', type(method).__name__)}' needs a teacher")
-    if method.needs_teacher and data.teacher is None:
-        raise ValueError("the method needs a teacher but the dataset has no teacher tokenization")
     device = next(student.parameters()).device
     procs = processes or parallel.SingleProcess(device)
-    n_micro = cfg.grad_accum * procs.world_size
-    if cfg.batch_size % n_micro:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum} "
-                         f"x {procs.world_size} processes")
+    _check_run(method, teacher, data, cfg, procs)
     method.to(device)
-    module = TrainingModule(student, method)
-    module.train()
-
-    schedule = Schedule(len(data), cfg.batch_size, seed)
-    module, optimizer = procs.prepare(module, make_optimizer(student, method, cfg), whole=method)
+    module, optimizer = procs.prepare(TrainingModule(student, method).train(), make_optimizer(student, method, cfg),
+                                      whole=method)
     digest = run_digest(spec, cfg, seed=seed, method_name=getattr(method, "name", type(method).__name__), data=data)
-    ckpt = Checkpointer(out_dir, digest)
-    log_path = running_log_path(out_dir)
-    counters = dict(optimizer_steps=0, documents=0, text_bytes=0, student_tokens=0,
-                    teacher_tokens=0, teacher_forward_passes=0, stream_sha256="")
-    elapsed = 0.0
+    ckpt, log = Checkpointer(out_dir, digest), RunLog(out_dir, procs.is_main)
+    counters, elapsed = _resume(ckpt, module, optimizer, log, procs)
+    start = counters["optimizer_steps"]
+    schedule = Schedule(len(data), cfg.batch_size, seed)
+    batches, objective = _micro_batches(data, method, schedule, cfg, procs, start), training_loss(teacher)
 
-    def log(row: dict) -> None:
-        if procs.is_main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    state, refused = ckpt.load()
-    if state is not None:
-        parallel.load_training_state(module, optimizer, state)
-        counters, elapsed = state["counters"], state["elapsed"]
-        torch.set_rng_state(state["rng"])
-        if procs.is_main:
-            _truncate_log(log_path, counters["optimizer_steps"])
-            log({"step": counters["optimizer_steps"], "event": "resumed"})
-    elif procs.is_main:
-        remove_checkpoint(out_dir)  # never resume what another spec (or an unreadable file) left behind
-        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        if refused:
-            print(f"starting fresh: {refused}", file=sys.stderr)
-            log({"step": 0, "event": "fresh_start", "reason": refused})
-    start_step = counters["optimizer_steps"]
-
-    # Rank r takes micro-batches r, r + N, ... of each global batch.
-    micro = cfg.batch_size // n_micro
-    sampler = [
-        idx[k * micro : (k + 1) * micro]
-        for step in range(start_step, cfg.steps)
-        for idx in [schedule.indices(step)]
-        for k in range(procs.rank, n_micro, procs.world_size)
-    ]
-    loader = torch.utils.data.DataLoader(
-        data, batch_sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=partial(collate, dataset=data, method=method),
-    )
-    batches = iter(loader)
-
-    if val_data is not None and start_step == 0 and cfg.eval_every:
+    if val_data is not None and start == 0 and cfg.eval_every:
         log({"step": 0, "bytes_seen": 0, "val_bpb": validation_bpb(module, val_data, device)})
-
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and procs.is_main),
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and procs.is_main),
                desc=getattr(method, "name", ""), mininterval=2.0, dynamic_ncols=True)
-    for step in range(start_step, cfg.steps):
+    for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        factor = lr_factor(step, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor
-        # This rank's share of the step; the ranks' shares are added up below.
-        share = {"loss": 0.0, "terms": {}, **dict.fromkeys(COUNTED, 0)}
-        step_batches = []
-        for m in range(cfg.grad_accum):
-            batch = _to(next(batches), device)
-            step_batches.append(batch)
-            last = m == cfg.grad_accum - 1
-            with contextlib.nullcontext() if last else procs.no_sync(module):
-                loss, logs = module(batch, teacher)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step} (micro-batch {m}); "
-                        f"segments {batch['index'].tolist()}; terms {logs}"
-                    )
-                (loss / cfg.grad_accum).backward()
-            if method.needs_teacher:
-                share["teacher_forward_passes"] += 0 if teacher.cached else 1
-                share["teacher_tokens"] += int(batch["teacher_attention_mask"].sum())
-            share["loss"] += loss.item() / cfg.grad_accum
-            for k, v in logs.items():
-                share["terms"][k] = share["terms"].get(k, 0.0) + v / cfg.grad_accum
-            share["student_tokens"] += int(batch["student_attention_mask"].sum())
-            share["documents"] += len(batch["index"])
-            share["text_bytes"] += int(batch["n_bytes"].sum())
+            g["lr"] = g["base_lr"] * lr_factor(step, cfg)
+        micro = _forward_backward(module, objective, batches, method, teacher, cfg.grad_accum, device, procs)
         procs.average_whole_gradients()
         grad_norm = procs.clip_grad_norm(module, optimizer, cfg.grad_clip)
-        if not math.isfinite(grad_norm):  # before the update: nothing non-finite reaches the weights
-            raise NonFiniteGradientError(_gradient_culprit(module, teacher, optimizer, step_batches, step, grad_norm,
-                                                           procs))
+        _stop_if_non_finite(micro, grad_norm, step, module, objective, optimizer, procs)  # before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        whole = _whole_step(procs.gather(share))
-        for key in COUNTED:
-            counters[key] += whole[key]
-        counters["optimizer_steps"] = step + 1
-        step_texts = [data[i].text for i in schedule.indices(step)]
-        counters["stream_sha256"] = chain_digest(counters["stream_sha256"], step_texts)
-        total_loss, terms, step_tokens = whole["loss"], whole["terms"], whole["student_tokens"]
+        done = step + 1
+        logged = done % cfg.log_every == 0 or done == cfg.steps
+        whole = _whole_step(procs.gather(micro.share(cfg.grad_accum, with_loss=logged)))
+        _count_step(counters, whole, [data[i].text for i in schedule.indices(step)])
         dt = time.perf_counter() - t0
         elapsed += dt
         bar.update(1)
-        bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{step_tokens / dt:.0f}")
-
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if logged:  # the step's loss, terms and gradient norm reach the host here
             log({"step": done, "bytes_seen": counters["text_bytes"], "lr": optimizer.param_groups[0]["lr"],
-                 "loss": total_loss, "grad_norm": grad_norm, "tokens_per_second": step_tokens / dt,
-                 "terms": terms})
+                 "loss": whole["loss"], "grad_norm": float(grad_norm),
+                 "tokens_per_second": whole["student_tokens"] / dt, "terms": whole["terms"]})
+            bar.set_postfix(loss=f"{whole['loss']:.3f}", tok_s=f"{whole['student_tokens'] / dt:.0f}")
         if val_data is not None and (done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
             last_val = validation_bpb(module, val_data, device)
             log({"step": done, "bytes_seen": counters["text_bytes"], "val_bpb": last_val})
@@ -441,9 +357,150 @@ def train(
             if procs.is_main:
                 ckpt.save({**state, "counters": counters, "elapsed": elapsed, "rng": torch.get_rng_state()})
     bar.close()
-    if procs.is_main:
-        write_atomic(out_dir / "train_log.jsonl", log_path.read_text(encoding="utf-8") if log_path.exists() else "")
+    log.publish()
+    final_val = last_val if val_data is not None and start < cfg.steps else None
+    return _summary(counters, elapsed, cfg, procs, digest, final_val)
 
+
+def _check_run(method, teacher, data: PairedDataset, cfg: TrainConfig, procs) -> None:
+    if method.needs_teacher and teacher is None:
+        raise ValueError(f"method '{getattr(method, 'name', type(method).__name__)}' needs a teacher")
+    if method.needs_teacher and data.teacher is None:
+        raise ValueError("the method needs a teacher but the dataset has no teacher tokenization")
+    if cfg.batch_size % (cfg.grad_accum * procs.world_size):
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum} "
+                         f"x {procs.world_size} processes")
+
+
+class RunLog:
+    """A run's ``train_log.jsonl``: rows appended beside the checkpoint while it trains (by the main
+    process), published to the run directory when training ends."""
+
+    def __init__(self, out_dir: Path, is_main: bool):
+        self.out_dir, self.path, self.is_main = Path(out_dir), running_log_path(out_dir), is_main
+
+    def __call__(self, row: dict) -> None:
+        if self.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def publish(self) -> None:
+        if self.is_main:
+            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            write_atomic(self.out_dir / "train_log.jsonl", text)
+
+
+def _resume(ckpt: Checkpointer, module, optimizer, log: RunLog, procs) -> tuple[dict, float]:
+    """The run's budget counters and seconds trained so far: its own checkpoint's, loaded into
+    ``module`` and ``optimizer`` (the log cut back to it), or fresh ones in a cleaned run directory."""
+    log.out_dir.mkdir(parents=True, exist_ok=True)
+    state, refused = ckpt.load()
+    if state is not None:
+        parallel.load_training_state(module, optimizer, state)
+        torch.set_rng_state(state["rng"])
+        if procs.is_main:
+            _truncate_log(log.path, state["counters"]["optimizer_steps"])
+            log({"step": state["counters"]["optimizer_steps"], "event": "resumed"})
+        return state["counters"], state["elapsed"]
+    if procs.is_main:
+        remove_checkpoint(log.out_dir)  # never resume what another spec (or an unreadable file) left behind
+        (log.out_dir / "train_log.jsonl").unlink(missing_ok=True)
+        log.path.parent.mkdir(parents=True, exist_ok=True)
+        if refused:
+            print(f"starting fresh: {refused}", file=sys.stderr)
+            log({"step": 0, "event": "fresh_start", "reason": refused})
+    return {"optimizer_steps": 0, **dict.fromkeys(COUNTED, 0), "stream_sha256": ""}, 0.0
+
+
+def _micro_batches(data: PairedDataset, method, schedule: Schedule, cfg: TrainConfig, procs, start_step: int):
+    """This rank's micro-batches of the steps from ``start_step`` on, collated on the CPU: the global
+    batch is cut into ``grad_accum`` x N micro-batches and rank r takes micro-batches r, r + N, ..."""
+    n_micro = cfg.grad_accum * procs.world_size
+    size = cfg.batch_size // n_micro
+    sampler = [
+        idx[k * size : (k + 1) * size]
+        for step in range(start_step, cfg.steps)
+        for idx in [schedule.indices(step)]
+        for k in range(procs.rank, n_micro, procs.world_size)
+    ]
+    return iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                            collate_fn=partial(collate, dataset=data, method=method)))
+
+
+@dataclass
+class _Step:
+    """This rank's micro-batches of one step and what they gave: budget counts (host), losses and
+    logged terms (losses on the device: reading them is a host sync)."""
+
+    counts: dict
+    batches: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    logs: list = field(default_factory=list)
+
+    def share(self, grad_accum: int, with_loss: bool) -> dict:
+        """This rank's share of the step: its counts, and (``with_loss``) its mean loss and terms."""
+        share = dict(self.counts)
+        if with_loss:
+            share["loss"], share["terms"] = 0.0, {}
+            for loss, logs in zip(self.losses, self.logs):
+                share["loss"] += loss.item() / grad_accum
+                for k, v in logs.items():
+                    share["terms"][k] = share["terms"].get(k, 0.0) + v / grad_accum
+        return share
+
+
+def _forward_backward(module, objective, batches, method, teacher, grad_accum: int, device, procs) -> _Step:
+    """Forward and backward of this rank's ``grad_accum`` micro-batches of a step (gradients
+    accumulated; synchronised across ranks on the last). No host sync: a non-finite loss is found
+    by :func:`_stop_if_non_finite` before the update."""
+    step = _Step(dict.fromkeys(COUNTED, 0))
+    for m in range(grad_accum):
+        batch = next(batches)
+        for key, n in _budget_of(batch, method, teacher).items():
+            step.counts[key] += n
+        batch = _to(batch, device)
+        with contextlib.nullcontext() if m == grad_accum - 1 else procs.no_sync(module):
+            loss, logs = module(batch, objective)
+            (loss / grad_accum).backward()
+        step.batches.append(batch)
+        step.losses.append(loss.detach())
+        step.logs.append(logs)
+    return step
+
+
+def _budget_of(batch: dict, method, teacher) -> dict:
+    """A micro-batch's counts, read from the collated CPU batch (no device sync)."""
+    uses_teacher = method.needs_teacher
+    return {"documents": len(batch["index"]), "text_bytes": int(batch["n_bytes"].sum()),
+            "student_tokens": int(batch["student_attention_mask"].sum()),
+            "teacher_tokens": int(batch["teacher_attention_mask"].sum()) if uses_teacher else 0,
+            "teacher_forward_passes": int(uses_teacher and not teacher.cached)}
+
+
+def _whole_step(shares: list[dict]) -> dict:
+    """The ranks' shares of one step combined: counts added up, loss and logged terms (if there)
+    averaged.
+
+    Each rank averaged its own ``grad_accum`` micro-batches, so the mean over ranks is the mean
+    over all micro-batches of the step (exactly the rank's value with one process).
+    """
+    whole = {key: sum(s[key] for s in shares) for key in COUNTED}
+    if "loss" in shares[0]:
+        whole["loss"] = sum(s["loss"] for s in shares) / len(shares)
+        names = dict.fromkeys(k for s in shares for k in s["terms"])
+        whole["terms"] = {k: sum(s["terms"].get(k, 0.0) for s in shares) / len(shares) for k in names}
+    return whole
+
+
+def _count_step(counters: dict, whole: dict, texts: list) -> None:
+    """Add a finished step to the budget counters (``texts``: its global batch, for the stream digest)."""
+    for key in COUNTED:
+        counters[key] += whole[key]
+    counters["optimizer_steps"] += 1
+    counters["stream_sha256"] = chain_digest(counters["stream_sha256"], texts)
+
+
+def _summary(counters: dict, elapsed: float, cfg: TrainConfig, procs, digest: str, final_val: float | None) -> dict:
     steps = counters["optimizer_steps"]
     summary = {
         "budget": dict(counters),
@@ -459,13 +516,29 @@ def train(
         "processes": procs.world_size,
         "train_config": asdict(cfg),
     }
-    if val_data is not None and start_step < cfg.steps:
-        summary["final_val_bpb"] = last_val
+    if final_val is not None:
+        summary["final_val_bpb"] = final_val
     summary["run_digest"] = digest
     return summary
 
 
-def _gradient_culprit(module, teacher, optimizer, batches: list[dict], step: int, norm: float, procs) -> str:
+def _stop_if_non_finite(step: _Step, grad_norm: torch.Tensor, number: int, module, objective, optimizer,
+                        procs) -> None:
+    """Raise if a micro-batch's loss or the gradient norm of step ``number`` is NaN or infinite,
+    naming the step and the micro-batch. One host sync for the whole step: the losses stay on the
+    device until then (and were backpropagated: their gradients are never applied)."""
+    losses = torch.stack([loss.float() for loss in step.losses] + [grad_norm.float().to(step.losses[0].device)])
+    if torch.isfinite(losses).all():
+        return
+    for m, (loss, batch) in enumerate(zip(step.losses, step.batches)):
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {number} (micro-batch {m}); "
+                                     f"segments {batch['index'].tolist()}; terms {step.logs[m]}")
+    raise NonFiniteGradientError(_gradient_culprit(module, objective, optimizer, step.batches, number,
+                                                   float(grad_norm), procs))
+
+
+def _gradient_culprit(module, objective, optimizer, batches: list[dict], step: int, norm: float, procs) -> str:
     """Why a step's gradient norm is non-finite: the first of this step's micro-batches whose own
     gradient is (found by recomputing them one at a time; with several processes, whose shares are
     reduced together, the step's micro-batches are listed instead)."""
@@ -474,7 +547,7 @@ def _gradient_culprit(module, teacher, optimizer, batches: list[dict], step: int
     if procs.world_size == 1:
         for m, batch in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)
-            loss, logs = module(batch, teacher)
+            loss, logs = module(batch, objective)
             loss.backward()
             if not all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None):
                 where = f"micro-batch {m} (segments {batch['index'].tolist()}; loss {loss.item()}, terms {logs})"

@@ -14,8 +14,9 @@ Deviations from the official code (each with the reason):
 
 from __future__ import annotations
 
+from ctdbench.kernels import token_cross_entropy  # shared loss kernels (ctdbench/kernels.py)
 from methods import register  # noqa: F401  (uncomment @register below)
-from methods.base import DistillationMethod, token_cross_entropy
+from methods.base import DistillationMethod
 
 
 # @register("my_method")

@@ -41,8 +41,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ctdbench.align import chunk_index, span_chunks, target_chunks
+from ctdbench.kernels import logprob_cross_entropy
 from methods import register
-from methods.base import DistillationMethod, logprob_cross_entropy
+from methods.base import DistillationMethod
 
 SPACE_BYTES = (0x20, 0x0A, 0x09)
 

@@ -39,7 +39,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -273,53 +272,3 @@ def under_results(path: str) -> str | None:
             or ".." in parts or len(parts) < 2):
         return f"{path!r} is not a path under results/ (relative, no '..', letters, digits and _ . + - / only)"
     return None
-
-
-def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-                        reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over real target tokens: their mean (or ``reduction="sum"``).
-
-    Args:
-        logits: [B, L, V]; position t predicts ``input_ids[:, t + 1]``.
-        input_ids: [B, L].
-        mask: [B, L] loss mask; a target counts where it is 1.
-    """
-    # The flat, contiguous logits with shifted targets: slicing logits[:, :-1] instead costs a
-    # copy forward and a zero-filled full-size gradient plus a copy backward.
-    return F.cross_entropy(logits.flatten(0, 1).float(), shifted_targets(input_ids, mask), ignore_index=-100,
-                           reduction=reduction)
-
-
-def shifted_targets(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B * L] next-token target of every position (-100 where there is none), for flat [B * L, V] logits."""
-    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return torch.cat([targets, targets.new_full((len(targets), 1), -100)], 1).view(-1)
-
-
-def logprob_cross_entropy(logp: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """:func:`token_cross_entropy` from precomputed log-probabilities [B, L, V] (shares the softmax)."""
-    nll = -logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    valid = mask[:, 1:].to(nll.dtype)
-    return (nll * valid).sum() / valid.sum().clamp(min=1)
-
-
-def target_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits rows that predict a training target, left-aligned per example.
-
-    For methods that compare the two sides position by position (ULD, MultiLevelOT): the k-th
-    target of the student meets the k-th target of the teacher, as the official code compares
-    the answer tokens. With every token a target this is just ``0 .. n - 1``.
-
-    Args:
-        mask: [B, L] loss mask; row t predicts token t + 1.
-
-    Returns:
-        ``rows`` [B, K] (-1 = none) and ``counts`` [B].
-    """
-    targets = mask[:, 1:].bool()
-    counts = targets.sum(1)
-    rows = torch.full((mask.shape[0], int(counts.max()) if len(counts) else 0), -1, dtype=torch.long,
-                      device=mask.device)
-    b, t = targets.nonzero(as_tuple=True)
-    rows[b, targets.long().cumsum(1)[b, t] - 1] = t
-    return rows, counts

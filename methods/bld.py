@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctdbench.byteprob import MODES, VocabByteIndex, next_byte_distributions_batch, text_rows
+from ctdbench.kernels import LOG_ZERO, token_cross_entropy
 from methods import register
-from methods.base import DistillationMethod, token_cross_entropy
-from methods.kd import LOG_ZERO
+from methods.base import DistillationMethod
 
 
 class ByteHead(nn.Module):

@@ -50,9 +50,9 @@ import math
 import torch
 from torch import nn
 
+from ctdbench.kernels import ce_kl, shifted_targets
 from methods import register
-from methods.base import DistillationMethod, shifted_targets
-from methods.kd import ce_kl
+from methods.base import DistillationMethod
 
 
 def masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ text, the assistant turns of chat data, as DSKD's label -100 masks the prompt):
     L   = (1 - kd_rate) CE + kd_rate KL,   kd_rate = 0.5, T = 2.0
 
 Cost: the student's CE and KL come from one pass over its logits in cache-sized row blocks
-(:class:`FusedCEKL`, shared with ``dskd`` and ``mined``): three softmaxes per element (z, z / T and
+(``ctdbench.kernels.ce_kl``, shared with ``dskd`` and ``mined``): three softmaxes per element (z, z / T and
 the teacher's t / T), the log-normalisers read off them, and the gradient written during the
 forward, so the backward only scales it.
 
@@ -32,116 +32,9 @@ from __future__ import annotations
 
 import torch
 
+from ctdbench.kernels import ce_kl, shifted_targets
 from methods import register
-from methods.base import DistillationMethod, shifted_targets
-
-
-BLOCK = 1 << 18  # elements of one row block (1 MB in fp32): a block's temporaries stay in cache
-# Finite stand-in for log 0: ids a top-k teacher cache does not store have p = 0 and log p = -inf,
-# and must add p * (log p - log q) = 0 to the KL, not 0 * -inf = NaN.
-LOG_ZERO = -1e30
-
-
-class FusedCEKL(torch.autograd.Function):
-    """``ce_weight * sum_i CE_i + kl_weight * sum_i KL_i`` of one logit matrix, its gradient made in the forward.
-
-    CE_i = CE(z_i, y_i), KL_i = m_i KL(softmax(u_i / T) || softmax(z_i / T)). The loss is linear
-    in the two sums, so its gradient, w_ce (softmax(z) - onehot(y)) + (w_kl m / T) (softmax(z / T)
-    - softmax(u / T)), is known once the forward has its softmaxes: it is written block by block
-    into one [N, V] buffer (the tensor autograd would allocate in the backward anyway) and the
-    backward only scales it. Three softmaxes per element in all (the log-normalisers come from
-    them: log sum exp x = x_max - log softmax(x)_max) instead of seven passes of exponentials over
-    full [N, V] temporaries; everything except the gradient lives one cache-sized row block at a
-    time.
-    """
-
-    @staticmethod
-    def forward(ctx, z, targets, target_fn, temperature, ce_weight, kl_weight, kl_mask):
-        grad = torch.empty_like(z) if ctx.needs_input_grad[0] else None
-        ce_sum, kl_sum = (z.new_zeros((), dtype=torch.float) for _ in range(2))
-        for r0, r1, zc in _blocks(z):
-            # The gradient block is composed in place (fp32; copied if the logits are not).
-            out = None if grad is None else grad[r0:r1] if grad.dtype == torch.float32 else torch.empty_like(zc)
-            filled, z_max = False, zc.amax(-1)
-            if targets is not None:
-                y = targets[r0:r1]
-                valid, y = y >= 0, y.clamp(min=0)[:, None]
-                q = zc.softmax(-1)
-                ce_sum += ((_logsumexp(z_max, q) - zc.gather(-1, y).squeeze(-1)) * valid).sum()
-                if out is not None:  # w_ce (softmax(z) - onehot(y))
-                    w = (ce_weight * valid)[:, None].float()
-                    torch.mul(q, w, out=out).scatter_add_(-1, y, -w)
-                    filled = True
-            u = target_fn(r0, r1) if target_fn is not None else None
-            if u is not None:
-                zs, us = zc / temperature, u.float() / temperature
-                # softmax, not exp(log_softmax): torch.exp takes a ~15x slower path on inputs below
-                # -87 (underflow), which MinED's -1e5 one-hot targets fill almost entirely.
-                qs, p = zs.softmax(-1), us.softmax(-1)
-                # sum_v p (log p - log q) with sum_v p = 1; clamp: ids a top-k cache does not store
-                # have u = -inf and p = 0, and must add 0, not 0 * -inf = NaN.
-                kl = (torch.linalg.vecdot(p, (us - zs).clamp_(min=LOG_ZERO))
-                      - _logsumexp(us.amax(-1), p) + _logsumexp(z_max / temperature, qs))
-                m = kl_mask[r0:r1] if kl_mask is not None else torch.ones_like(kl)
-                kl_sum += kl @ m
-                if out is not None:  # (w_kl m / T) (softmax(z / T) - softmax(u / T))
-                    w = (kl_weight / temperature * m)[:, None].float()
-                    d = qs.sub_(p)
-                    out.addcmul_(d, w) if filled else torch.mul(d, w, out=out)
-                    filled = True
-            if out is not None:
-                if not filled:
-                    out.zero_()
-                if out.dtype != grad.dtype:
-                    grad[r0:r1] = out
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce_sum, kl_sum)
-        return ce_weight * ce_sum + kl_weight * kl_sum, ce_sum, kl_sum
-
-    @staticmethod
-    def backward(ctx, g_loss, _g_ce, _g_kl):
-        (grad,) = ctx.saved_tensors
-        g = g_loss.to(grad.dtype)
-        # Usually the loss is backpropagated as is: skip a pass over [N, V] (the check needs no
-        # device sync on CPU, where the pass matters most).
-        unit = grad.device.type == "cpu" and g.item() == 1.0
-        return grad if unit else grad * g, None, None, None, None, None, None
-
-
-def _logsumexp(x_max: torch.Tensor, softmax_x: torch.Tensor) -> torch.Tensor:
-    """log sum exp of the rows of x from their maxima and their softmax, without exponentials.
-
-    softmax is monotone, so its largest entry sits where x is largest: exp(x_max - lse) = p_max.
-    (``amax``, not ``max``: the latter also finds the index and is ~7x slower on CPU.)
-    """
-    return x_max - softmax_x.amax(-1).log()
-
-
-def _blocks(z: torch.Tensor):
-    step = max(1, BLOCK // z.shape[-1])
-    for r0 in range(0, len(z), step):
-        yield r0, min(r0 + step, len(z)), z[r0:r0 + step].float()
-
-
-def ce_kl(z: torch.Tensor, targets: torch.Tensor | None = None, target_fn=None, temperature: float = 1.0,
-          ce_weight: float | torch.Tensor = 1.0, kl_weight: float | torch.Tensor = 1.0,
-          kl_mask: torch.Tensor | None = None):
-    """Weighted sums of the row-wise cross-entropy and KL to soft targets of logits ``z``.
-
-    Args:
-        z: [N, V] logits (e.g. a flat view of [B, L, V]: no copy is made).
-        targets: [N] next-token ids (-100: no CE), or None for no CE.
-        target_fn: ``(r0, r1) -> u``, the target logits of rows r0:r1 ([r1 - r0, V], no gradient;
-            None: no KL in this block), or None for no KL at all. Called once per block.
-        temperature: T of both softmaxes in the KL.
-        ce_weight / kl_weight: scalar weights of the two sums in the loss.
-        kl_mask: [N] 0/1 weights of the KL rows (rows without a soft target), or None.
-
-    Returns:
-        (loss, ce, kl): ``loss = ce_weight * ce + kl_weight * kl``, differentiable to ``z`` only;
-        ``ce`` = sum of CE over rows with a target and ``kl`` = masked sum of KL (fp32, detached).
-    """
-    return FusedCEKL.apply(z, targets, target_fn, temperature, ce_weight, kl_weight, kl_mask)
+from methods.base import DistillationMethod
 
 
 def kd_loss(student_logits, teacher_logits, input_ids, mask, *, kd_rate: float = 0.5, temperature: float = 2.0):

@@ -66,8 +66,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctdbench.kernels import target_rows, token_cross_entropy
 from methods import register
-from methods.base import DistillationMethod, target_rows, token_cross_entropy
+from methods.base import DistillationMethod
 
 
 def top_probs(logits: torch.Tensor, target: torch.Tensor, width: int, k: int, temperature: float) -> torch.Tensor:
@@ -76,7 +77,7 @@ def top_probs(logits: torch.Tensor, target: torch.Tensor, width: int, k: int, te
 
     Args:
         logits: [B, L0, V].
-        target: [B, K] the target rows of each example (``methods.base.target_rows``; -1 = none).
+        target: [B, K] the target rows of each example (``ctdbench.kernels.target_rows``; -1 = none).
         width: L, the padded number of rows (>= K).
         k: entries kept per row.
 

@@ -6,8 +6,9 @@ tokenizer it is also how ``ctdbench`` pretrains the teacher.
 
 from __future__ import annotations
 
+from ctdbench.kernels import token_cross_entropy
 from methods import register
-from methods.base import DistillationMethod, token_cross_entropy
+from methods.base import DistillationMethod
 
 
 @register("sft")

@@ -40,12 +40,8 @@ Conventions of TRL (``ULDLoss`` @ f2cd57710a) that differ: its default merge str
 ``"bayesian"``, followed here, shifts the slice one position earlier, as llm-recipes does (its
 slice starts at the last prompt token, which predicts the first answer token).
 
-Implementation notes (same numbers, faster on CPU): the sort runs in numpy (exact, ~10x faster
-than ``torch.sort`` there): the student's order and sorted values come from one int64 sort of
-packed value/column keys; the larger vocabulary is only partitioned to its top min(Vs, Vt)
-entries plus the summed rest, which is all that zero padding compares; the student's gradient
-reaches its columns by one scatter of the slopes (:class:`_SortedL1`, a hand-written backward);
-rows are sorted in blocks of ~4 MB spread over torch's threads (numpy's sorts release the GIL).
+Implementation notes (same numbers, faster on CPU): the sorted L1 distance comes from the CPU sort
+kernels of ``ctdbench.kernels`` (numpy sorts over torch's threads, a hand-written backward).
 ``uld_aligned`` scales the teacher's sorted split by the group factor instead of its rows (a
 positive factor keeps the order), and normalises only the rows that predict a group's earlier
 tokens for the factors.
@@ -54,183 +50,17 @@ tokens for the factors.
 from __future__ import annotations
 
 import math
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 import numpy as np
 import torch
 
 from ctdbench.align import chunk_index, span_chunks, target_chunks
+from ctdbench.kernels import rows_probs, scaled_rows, sorted_l1_to_split, target_rows, teacher_split, token_cross_entropy
 from methods import register
-from methods.base import DistillationMethod, target_rows, token_cross_entropy
+from methods.base import DistillationMethod
 
 LOG_EPS = math.log(1e-8)  # GOLD's clamp of the merged scalar probabilities, 1e-8
-BLOCK = 1 << 20           # elements per row block (4 MB of fp32), the unit of work of a thread
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _blocks(n: int, width: int, itemsize: int = 4) -> list[slice]:
-    step = max(1, BLOCK * 4 // (itemsize * max(1, width)))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
-
-
-def _map(fn, items: list) -> list:
-    """``fn`` over items on torch's thread count (numpy's sorts release the GIL)."""
-    workers = min(torch.get_num_threads(), len(items))
-    if workers <= 1:
-        return [fn(x) for x in items]
-    return list(_POOLS.setdefault(workers, ThreadPoolExecutor(workers)).map(fn, items))
-
-
-def _split_values(a: np.ndarray, k: int) -> np.ndarray:
-    """[n, k + 1]: the k largest values of each row in descending order, then the sum of the rest."""
-    V = a.shape[1]
-    a = np.partition(a, V - k, axis=-1) if k < V else a.copy()
-    a[:, V - k:].sort(axis=-1)  # in place, on the strided view (a copy to sort contiguously costs more)
-    out = np.empty((len(a), k + 1), dtype=a.dtype)
-    out[:, :k] = a[:, V - k:][:, ::-1]
-    out[:, k] = a[:, : V - k].sum(-1)
-    return out
-
-
-# An int64 sort key as two int32 halves: the high one orders (the complemented value bits), the
-# low one is the column, so one ascending sort gives order, columns and values.
-_HIGH, _LOW = (slice(1, None, 2), slice(0, None, 2)) if sys.byteorder == "little" else (slice(0, None, 2), slice(1, None, 2))
-
-
-def _order(a: np.ndarray, k: int, columns: np.ndarray, values: np.ndarray) -> None:
-    """Writes, per row of ``a`` [n, V], the k largest entries' columns in descending order of value,
-    then the other columns, to ``columns`` [n, V] int64, and the entries in that order to ``values``."""
-    # Non-negative float32 values order like their int32 bit patterns, so their complements order
-    # them descending (numpy's argsort is not vectorised; its int64 sort is).
-    n, V = a.shape
-    keys = np.empty((n, V), dtype=np.int64)
-    halves = keys.view(np.int32)
-    np.invert(a.view(np.int32), out=halves[:, _HIGH])
-    halves[:, _LOW] = np.arange(V, dtype=np.int32)
-    if k < V:
-        keys = np.partition(keys, k, axis=-1)
-        keys[:, :k].sort(axis=-1)
-        halves = keys.view(np.int32)
-    else:
-        keys.sort(axis=-1)
-    np.invert(halves[:, _HIGH], out=values.view(np.int32))
-    np.copyto(columns, halves[:, _LOW])
-
-
-def descending_order(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of a non-negative matrix [N, V] in an order with its k largest entries first,
-    descending (the other V - k in any order): the columns [N, V] and the values in that order
-    (found without autograd)."""
-    x = p.detach()
-    N, V = x.shape
-    if x.device.type != "cpu" or x.dtype != torch.float32 or N == 0:  # GPU; float64 (tests): a stable sort
-        columns = x.sort(dim=-1, descending=True, stable=True).indices
-        return columns, x.gather(-1, columns)
-    x = x.contiguous().numpy()
-    columns, values = np.empty((N, V), dtype=np.int64), np.empty((N, V), dtype=np.float32)
-    _map(lambda sl: _order(x[sl], k, columns[sl], values[sl]), _blocks(N, V, 8))
-    return torch.from_numpy(columns), torch.from_numpy(values)
-
-
-def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row of a non-negative matrix, descending, and the sum of the rest.
-
-    Differentiable: values are gathered from ``p`` at indices found without autograd.
-
-    Args:
-        p: [N, V] non-negative (probabilities, or probabilities times a positive scalar).
-        k: how many entries to keep, 1 <= k <= V.
-
-    Returns:
-        top [N, k] with ``top[:, 0] >= top[:, 1] >= ...``, and rest [N], the sum of the other V - k.
-    """
-    N, V = p.shape
-    if not p.requires_grad and p.device.type == "cpu" and N > 0:
-        x = p.contiguous().numpy()
-        out = torch.from_numpy(np.concatenate(_map(lambda sl: _split_values(x[sl], k), _blocks(N, V, 8))))
-        return out[:, :k], out[:, k]
-    ordered = p.gather(-1, descending_order(p, k)[0])
-    return ordered[:, :k], ordered[:, k:].sum(-1)
-
-
-class _SortedL1(torch.autograd.Function):
-    """Per row: sum_{j < k} |p[idx_j] - top_j| + (the rest of p) + rest, with top [N, k], rest [N],
-    and ``ordered`` = p in the order idx (given, so the forward gathers nothing).
-
-    idx is a permutation of every row, so the gradient goes to p's columns by one scatter (no zero
-    fill, no accumulation) instead of autograd's gather and abs backward.
-    """
-
-    @staticmethod
-    def forward(ctx, p, idx, ordered, top, rest):
-        k = top.shape[1]
-        slope = torch.ones_like(ordered)  # d dist / d ordered
-        diff = torch.sub(ordered[:, :k], top, out=slope[:, :k])
-        dist = diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest
-        diff.sign_()
-        ctx.save_for_backward(idx, slope)
-        ctx.k = k
-        return dist
-
-    @staticmethod
-    def backward(ctx, g):
-        idx, slope = ctx.saved_tensors
-        d = slope * g[:, None]  # not in place: a retained graph may run this backward again
-        return (torch.empty_like(d).scatter_(-1, idx, d) if ctx.needs_input_grad[0] else None, None, None,
-                -d[:, : ctx.k] if ctx.needs_input_grad[3] else None, g if ctx.needs_input_grad[4] else None)
-
-
-def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
-    """L1 distance between two probability vectors sorted in descending order, per row.
-
-    The smaller vocabulary is zero-padded to the larger one, so the larger side's entries beyond
-    rank min(Vs, Vt) simply add their mass.
-
-    Args:
-        p_student: [N, Vs] non-negative rows.
-        p_teacher: [N, Vt] non-negative rows.
-
-    Returns:
-        [N] distances (differentiable with respect to both inputs).
-    """
-    k = min(p_student.shape[-1], p_teacher.shape[-1])
-    return sorted_l1_to_split(p_student, *split_sorted(p_teacher, k))
-
-
-def sorted_l1_to_split(p: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-    """:func:`sorted_l1` of ``p`` [N, V] against a distribution given by :func:`split_sorted` (its
-    k <= V largest entries, descending, and the sum of the rest)."""
-    return _SortedL1.apply(p, *descending_order(p, top.shape[1]), top, rest)
-
-
-def _rows(z: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = z.index_select(0, rows).float()  # not z[rows]: advanced indexing is ~3x slower on CPU
-    return z if temperature == 1.0 else z / temperature
-
-
-def rows_probs(z, rows, temperature: float) -> torch.Tensor:
-    """softmax(z[rows] / T) [N, V]."""
-    return _rows(z, rows, temperature).softmax(-1)
-
-
-@torch.no_grad()
-def teacher_split(z, rows, temperature: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`split_sorted` of the teacher's :func:`rows_probs`, built and sorted block by block
-    (on torch's threads).
-
-    Args:
-        z: [R, V] teacher logits; rows: [N] row indices.
-    """
-    if z.device.type != "cpu":
-        return split_sorted(rows_probs(z, rows, temperature), k)
-
-    def block(sl):
-        return _split_values(rows_probs(z, rows[sl], temperature).numpy(), k)
-    parts = _map(block, _blocks(len(rows), z.shape[1]))
-    out = torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, k + 1), np.float32))
-    return out[:, :k], out[:, k]
 
 
 def byte_groups(examples, teacher_special: np.ndarray, student_special: np.ndarray) -> dict[str, torch.Tensor]:
@@ -277,7 +107,7 @@ def log_chain_factors(z, ids, pre, b, c, n_groups: int, temperature: float) -> t
     """
     B, L, V = z.shape
     eb, et = (pre[:, 1:] >= 0).nonzero(as_tuple=True)  # token et + 1 of example eb is a factor; row et predicts it
-    logits = _rows(z.reshape(B * L, V), eb * L + et, temperature)
+    logits = scaled_rows(z.reshape(B * L, V), eb * L + et, temperature)
     token = logits.gather(-1, ids[eb, et + 1, None]).squeeze(-1) - logits.logsumexp(-1)
     per_group = token.new_zeros(B, n_groups).index_put_((eb, pre[eb, et + 1]), token.clamp_min(LOG_EPS), accumulate=True)
     return per_group[b, c]

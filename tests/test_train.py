@@ -1,6 +1,7 @@
 """The one training loop: schedule, identical budgets, resume, NaN handling, logs."""
 
 import json
+import math
 import re
 
 import pytest
@@ -18,10 +19,13 @@ from ctdbench.train import (
     make_optimizer,
     remove_checkpoint,
     running_log_path,
+    TrainingModule,
     train,
+    validation_bpb,
 )
 from methods import build
-from methods.base import DistillationMethod, MethodContext, token_cross_entropy
+from ctdbench.kernels import token_cross_entropy
+from methods.base import DistillationMethod, MethodContext
 
 MODEL = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
@@ -40,10 +44,11 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 class _TeacherCE(DistillationMethod):
     """A teacher-using test method: CE plus a trivial use of the teacher logits."""
 
-    def __init__(self, ctx, nan_at: int = -1, interrupt_at: int = -1, nan_grad: tuple[int, int] = (-1, -1)):
+    def __init__(self, ctx, nan_at: int = -1, interrupt_at: int = -1, nan_grad: tuple[int, int] = (-1, -1),
+                 inf_at: int = -1):
         super().__init__(ctx)
         self.head = torch.nn.Linear(2, 2)  # owns parameters, like BLD/DSKD
-        self.calls, self.nan_at, self.interrupt_at = 0, nan_at, interrupt_at
+        self.calls, self.nan_at, self.interrupt_at, self.inf_at = 0, nan_at, interrupt_at, inf_at
         self.nan_grad_from, self.nan_grad_segment = nan_grad  # from this call on, a batch holding that segment
 
     def loss(self, batch, student_out, teacher_out):
@@ -54,6 +59,8 @@ class _TeacherCE(DistillationMethod):
         loss = ce + 0.0 * teacher_out.logits.mean() + 0.0 * self.head.weight.sum()
         if self.calls - 1 == self.nan_at:
             loss = loss * float("nan")
+        if self.calls - 1 == self.inf_at:
+            loss = loss + float("inf")  # an infinite loss with a finite gradient
         if self.calls > self.nan_grad_from >= 0 and self.nan_grad_segment in batch["index"].tolist():
             # a finite loss term (0) whose gradient is 0 x inf = NaN
             loss = loss + 0.0 * (self.head.weight - self.head.weight.detach()).abs().sqrt().sum()
@@ -202,20 +209,31 @@ def test_a_torn_last_log_line_does_not_block_resuming(setup, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 6
 
 
-def test_nan_gradient_at_the_last_step_stops_before_the_update(setup, tmp_path, monkeypatch):
+@pytest.fixture
+def updates(monkeypatch) -> list:
+    """One entry per optimizer update (AdamW.step call)."""
+    calls = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append(1) or adamw_step(self, *a, **k))
+    return calls
+
+
+def _applied_and_saved(student, run_dir) -> tuple[bool, int]:
+    """Whether the weights are finite, and the optimizer steps of the run's checkpoint."""
+    finite = all(torch.isfinite(p).all() for p in student.parameters())
+    return finite, torch.load(checkpoint_path(run_dir), weights_only=True)["counters"]["optimizer_steps"]
+
+
+def test_nan_gradient_at_the_last_step_stops_before_the_update(setup, tmp_path, updates):
     data, val, teacher, make = setup
     cfg = TrainConfig(**{**CFG, "grad_accum": 2})
     last = Schedule(len(data), cfg.batch_size, seed=0).indices(cfg.steps - 1)
     student, method = make(_TeacherCE, nan_grad=(2 * 5, last[3]))  # step 5 (the last), micro-batch 1
-    updates = []
-    adamw_step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or adamw_step(self, *a, **k))
     with pytest.raises(NonFiniteGradientError, match=re.escape(f"at step 5: micro-batch 1 (segments {last[2:]}")):
         train(student, method, data, cfg, tmp_path, seed=0, teacher=teacher, progress=False)
     # Steps 0-4 were applied, step 5 was not; the weights stay finite and the checkpoint is step 4's.
     assert len(updates) == 5
-    assert all(torch.isfinite(p).all() for p in student.parameters())
-    assert torch.load(checkpoint_path(tmp_path), weights_only=True)["counters"]["optimizer_steps"] == 4
+    assert _applied_and_saved(student, tmp_path) == (True, 4)
 
 
 def test_nan_loss_stops_with_step_and_batch(setup, tmp_path):
@@ -223,6 +241,34 @@ def test_nan_loss_stops_with_step_and_batch(setup, tmp_path):
     student, method = make(_TeacherCE, nan_at=2)
     with pytest.raises(NonFiniteLossError, match=r"at step 2 .*segments \[\d+, \d+, \d+, \d+\]"):
         train(student, method, data, TrainConfig(**CFG), tmp_path, seed=0, teacher=teacher, progress=False)
+
+
+@pytest.mark.parametrize("bad", ["nan_at", "inf_at"])
+def test_non_finite_loss_of_a_later_micro_batch_stops_before_the_update(setup, tmp_path, updates, bad):
+    """The losses are checked once per step, after the micro-batches' backward passes: still the
+    run stops naming the micro-batch, and nothing of the step reaches the weights or a checkpoint."""
+    data, val, teacher, make = setup
+    cfg = TrainConfig(**{**CFG, "grad_accum": 2})
+    student, method = make(_TeacherCE, **{bad: 2 * 3 + 1})  # step 3, micro-batch 1
+    segments = Schedule(len(data), cfg.batch_size, seed=0).indices(3)[2:]
+    with pytest.raises(NonFiniteLossError, match=re.escape(f"at step 3 (micro-batch 1); segments {segments}")):
+        train(student, method, data, cfg, tmp_path, seed=0, teacher=teacher, progress=False)
+    assert len(updates) == 3
+    assert _applied_and_saved(student, tmp_path) == (True, 2)
+
+
+def test_validation_bpb_is_the_naive_bits_per_byte(setup):
+    """Sum over the segments of -log2 p(next token), each segment alone and unpadded, over their bytes."""
+    data, val, teacher, make = setup
+    student, method = make("sft")
+    nats = 0.0
+    for i in range(len(val)):
+        ids = torch.tensor([val[i].student.ids])
+        logp = student(input_ids=ids).logits.log_softmax(-1)[0, :-1]
+        nats -= logp.gather(-1, ids[0, 1:, None]).sum().item()
+    n_bytes = sum(len(val[i].text) for i in range(len(val)))
+    got = validation_bpb(TrainingModule(student, method), val, torch.device("cpu"), batch_size=3)
+    assert got == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_log_rows_and_learning(setup, tmp_path):

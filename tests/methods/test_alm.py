@@ -170,7 +170,7 @@ def test_chunks_are_tokenkits_on_real_sentencepiece_output(tokenizers, corpus_te
 
 
 def test_logprob_cross_entropy_matches_token_cross_entropy():
-    from methods.base import logprob_cross_entropy, token_cross_entropy
+    from ctdbench.kernels import logprob_cross_entropy, token_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     logits, ids = torch.randn(2, 7, 11, generator=g), torch.randint(0, 11, (2, 7), generator=g)

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import methods
+from ctdbench import kernels
 from ctdbench.data import PairedDataset, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.tokbytes import token_bytes
 from ctdbench.train import TrainConfig, make_optimizer
-from methods import kd
 from methods.base import MethodContext
 from methods.dskd import dskd_loss
 
@@ -102,7 +102,7 @@ def ours(a, proj, **kw):
 @pytest.mark.parametrize("kw", [{}, {"kd_rate": 0.8, "temperature": 1.0, "teacher_temperature": 2.0}])
 @pytest.mark.parametrize("block", [1 << 18, 40])  # one row block, and blocks of a few rows
 def test_matches_official_port(seed, kw, block, monkeypatch):
-    monkeypatch.setattr("methods.kd.BLOCK", block)
+    monkeypatch.setattr("ctdbench.kernels.FUSED_BLOCK", block)
     a, proj = random_inputs(seed)
     if seed % 2:
         force_correct(a, proj)
@@ -149,7 +149,7 @@ def test_gradient_routing_per_term(monkeypatch):
     parts = []
 
     def recording_ce_kl(*args, **kwargs):
-        out = kd.ce_kl(*args, **kwargs)
+        out = kernels.ce_kl(*args, **kwargs)
         parts.append(out[0])
         return out
 

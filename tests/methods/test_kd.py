@@ -12,8 +12,9 @@ import methods
 from ctdbench.data import PairedDataset, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.tokbytes import token_bytes
-from methods.base import MethodContext, token_cross_entropy
-from methods.kd import ce_kl, kd_loss
+from ctdbench.kernels import ce_kl, token_cross_entropy
+from methods.base import MethodContext
+from methods.kd import kd_loss
 
 MODEL = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 
@@ -104,7 +105,7 @@ def test_kl_properties(seed, T):
 
 @pytest.mark.parametrize("block", [1 << 18, 20])  # one block, and many blocks of two rows
 def test_fused_ce_kl_matches_autograd(block, monkeypatch):
-    monkeypatch.setattr("methods.kd.BLOCK", block)
+    monkeypatch.setattr("ctdbench.kernels.FUSED_BLOCK", block)
     g = torch.Generator().manual_seed(1)
     z, t = torch.randn(6, 9, generator=g) * 3, torch.randn(6, 9, generator=g) * 3
     t[1, :4] = -float("inf")  # ids a top-k teacher cache does not store

@@ -230,7 +230,7 @@ def naive_mined(z, ids, mask, t, tpos, vocab_map, kd_rate=0.5, T=2.0):
 @pytest.mark.parametrize("block", [1 << 18, 30])  # one row block, and blocks of two rows
 @pytest.mark.parametrize("kw", [{}, {"kd_rate": 0.3, "temperature": 1.3}])
 def test_loss_matches_naive_definition(seed, block, kw, monkeypatch):
-    monkeypatch.setattr("methods.kd.BLOCK", block)
+    monkeypatch.setattr("ctdbench.kernels.FUSED_BLOCK", block)
     g = torch.Generator().manual_seed(seed)
     B, Ls, Lt, Vs, Vt = 3, 9, 7, 11, 13
     z, t = torch.randn(B, Ls, Vs, generator=g) * 3, torch.randn(B, Lt, Vt, generator=g) * 3

@@ -15,7 +15,8 @@ from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import token_bytes
 from ctdbench.train import step_loss
-from methods.base import MethodContext, target_rows, token_cross_entropy
+from ctdbench.kernels import target_rows, token_cross_entropy
+from methods.base import MethodContext
 from methods.multilevel_ot import (StdScale, multilevel_ot_loss, sinkhorn_cost, sinkhorn_plan, top_indices, top_probs,
                                    top_values)
 

@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 
 import methods
+from ctdbench import kernels
 from ctdbench.data import PairedDataset, Side, collate, segment_text
+from ctdbench.kernels import sorted_l1, split_sorted, teacher_split
 from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import TokenSpans, token_bytes
 from ctdbench.train import step_loss
 from methods.base import MethodContext
-from methods import uld
-from methods.uld import byte_groups, sorted_l1, split_sorted, teacher_split
+from methods.uld import byte_groups
 
 STUDENT = {"arch": "gpt_neox", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 TEACHER = {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
@@ -84,7 +85,7 @@ def test_row_blocks_on_threads(monkeypatch, vs, vt):
     ps, pt = rand_probs(g, 90, vs), rand_probs(g, 90, vt)
     z, rows, k = torch.randn(90, vt, generator=g), torch.arange(5, 90), min(vs, vt)
     threads = torch.get_num_threads()
-    monkeypatch.setattr(uld, "BLOCK", 100)  # a few rows per block
+    monkeypatch.setattr(kernels, "SORT_BLOCK", 100)  # a few rows per block
     torch.set_num_threads(2)
     try:
         a, b = ps.clone().requires_grad_(True), ps.clone().requires_grad_(True)
