@@ -121,14 +121,13 @@ def run(config: dict, pair: str, method_names: list[str], repeats: int = 5, thre
 
 
 def main(args) -> None:
-    import methods
     from ctdbench import config as ctd_config
 
     config = ctd_config.load(args.config)
     pair = args.pair or ctd_config.pairs(config)[0]
     if pair not in config["pairs"]:
         raise ctd_config.ConfigError(f"--pair {pair}: no such pair in {args.config} ({', '.join(config['pairs'])})")
-    names = args.methods or methods.available()
+    names = args.methods or ctd_config.pair_methods(config, pair)
     threads = args.threads or config["distill"]["threads"]
     results = run(config, pair, names, repeats=args.repeats, threads=threads)
     print(f"ctdbench bench: config {config['name']}, pair {pair}, {threads} threads, "

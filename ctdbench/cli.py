@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="workflows/config/default.yaml",
                    help="config whose pair, models and budget are timed (default: %(default)s)")
     p.add_argument("--pair", default=None, help="pair to time (default: the config's first)")
-    p.add_argument("--methods", nargs="*", default=None, help="methods to time (default: all)")
+    p.add_argument("--methods", nargs="*", default=None, help="methods to time (default: the pair's methods)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per method, median reported "
                                                            "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,

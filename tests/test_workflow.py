@@ -103,7 +103,8 @@ def test_light_rules_run_where_snakemake_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     local, every = map(set, json.loads(result.stdout.strip().splitlines()[-1]))
     assert local == {"all", "corpus", "eval_data", "tokenizer", "summary", "plots"}
-    assert every - local == {"teacher", "teacher_cache", "precompute", "distill", "evaluate_teacher", "evaluate_student"}
+    assert every - local == {"teacher", "teacher_cache", "precompute", "distill", "evaluate_teacher",
+                             "evaluate_student"}
 
 
 @pytest.mark.parametrize("config", ["smoke.yaml", "default.yaml"])
