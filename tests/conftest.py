@@ -58,12 +58,18 @@ def shared_tokenizer():
 def run_snakemake():
     """``run(workdir, *args)``: this repository's Snakefile run in ``workdir``, output captured."""
 
-    def run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    def command(workdir: Path, *args: str) -> dict:
         cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
         # The rules call the `ctdbench` console script of this environment.
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
+        return {"args": cmd, "cwd": workdir, "env": env}
 
+    def run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(**command(workdir, *args), capture_output=True, text=True)
+
+    # run.start(workdir, *args): the same command started in its own process group, not waited for.
+    run.start = lambda workdir, *args: subprocess.Popen(**command(workdir, *args), start_new_session=True,
+                                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return run
 
 

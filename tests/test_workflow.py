@@ -2,11 +2,15 @@
 
 import csv
 import json
+import os
 import re
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,14 +155,6 @@ def test_rule_commands_quote_every_path():
 def test_a_run_killed_inside_the_workflow_resumes_with_its_whole_learning_curve(tmp_path, run_snakemake):
     """SIGKILL to the whole workflow mid-training, `--unlock`, rerun (as the README says): the run
     resumes from its checkpoint, and its learning curve equals an uninterrupted run's row for row."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
     config = yaml.safe_load((REPO / "workflows/config/smoke.yaml").read_text())
     config["pairs"] = {"bpe_to_sp": {**config["pairs"]["bpe_to_sp"], "methods": ["sft"]}}
     config["run"] = {"methods": ["sft"], "seeds": [0]}
@@ -174,17 +170,14 @@ def test_a_run_killed_inside_the_workflow_resumes_with_its_whole_learning_curve(
         else:  # the same corpus, tokenizers and teacher: only the run itself is trained again
             shutil.copytree(tmp_path / "whole", workdir)
             shutil.rmtree(run)
-            cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
-            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-            workflow = subprocess.Popen(cmd, cwd=workdir, env=env, start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 300
+            workflow, deadline = run_snakemake.start(workdir, *args), time.monotonic() + 300
             while not (run / "checkpoint" / "last.pt").exists() and workflow.poll() is None:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
+            assert workflow.poll() is None, "finished before the kill: the test needs more steps"
             os.killpg(workflow.pid, signal.SIGKILL)  # the whole workflow and its job, mid-training
             workflow.wait()
-            assert not (run / "run.json").exists(), "finished before the kill: the test needs more steps"
+            assert not (run / "run.json").exists()
             assert run_snakemake(workdir, "--unlock", *args).returncode == 0
         result = run_snakemake(workdir, *args)
         assert result.returncode == 0, result.stderr[-3000:]
