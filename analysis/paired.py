@@ -148,14 +148,14 @@ def verdict_text(paired: pd.DataFrame, transfers: pd.DataFrame, metric: tuple[st
     for pair in sorted(set(sub["pair"])):
         rows = sub[sub["pair"] == pair].sort_values("gain", ascending=False)
         n = int(rows["n"].max()) if len(rows) else 0
-        phrase = lambda r: f"{r.method} ({_signed(r.mean_diff)} ± {r.ci95:.3f})"  # noqa: E731
-        better = [phrase(r) for r in rows.itertuples() if r.verdict == BETTER]
-        worse = [phrase(r) for r in rows.itertuples() if r.verdict == WORSE]
-        unclear = [r.method for r in rows.itertuples() if r.verdict == UNCLEAR]
         if n < 2:  # one seed: differences, but no interval and so no verdict
             diffs = ", ".join(f"{r.method} ({_signed(r.mean_diff)})" for r in rows.itertuples())
             lines.append(f"{pair} (1 seed, so no confidence interval and no verdict): {diffs}.")
             continue
+        phrase = lambda r: f"{r.method} ({_signed(r.mean_diff)} ± {r.ci95:.3f})"  # noqa: E731
+        better = [phrase(r) for r in rows.itertuples() if r.verdict == BETTER]
+        worse = [phrase(r) for r in rows.itertuples() if r.verdict == WORSE]
+        unclear = [r.method for r in rows.itertuples() if r.verdict == UNCLEAR]
         parts = [f"{pair} ({n} seeds):"]
         parts.append(f"beat SFT: {', '.join(better)}." if better else "no method beats SFT with confidence.")
         if worse:

@@ -40,9 +40,10 @@ def precompute_spec(method: str) -> dict:
 def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
     p = config["pairs"][pair]
     teacher = config["teachers"][p["teacher"]]
+    cls = _method(method)
     hparams = dict(config["methods"].get(method, {}))
     if path := precomputed_path(config, pair, method):  # unless the config names the file itself
-        hparams.setdefault(_method(method).precomputed_arg, path)
+        hparams.setdefault(cls.precomputed_arg, path)
     return {
         "config_name": config["name"],
         "pair": pair,
@@ -59,7 +60,7 @@ def distill_spec(config: dict, pair: str, method: str, seed: int) -> dict:
         **({"lora": config["distill"]["lora"]} if config["distill"].get("lora") else {}),
         # A truncated teacher changes what a run learns (a full cache reproduces the online
         # teacher, so it stays out of the spec); methods without a teacher do not see it.
-        **({"teacher_cache_top_k": k} if (k := teacher_cache_top_k(config)) and _method(method).needs_teacher else {}),
+        **({"teacher_cache_top_k": k} if (k := teacher_cache_top_k(config)) and cls.needs_teacher else {}),
     }
 
 
