@@ -7,6 +7,7 @@ import sys
 from snakemake.utils import min_version
 
 from ctdbench import config as ctd_config
+from ctdbench import warm
 
 min_version("9.27.1")  # the version pyproject.toml pins and the tests run
 
@@ -48,3 +49,17 @@ rule all:
     default_target: True
     input:
         f"{RESULTS}/summary.csv",
+
+
+# Every job's `ctdbench` runs in a fork of one process that has torch, transformers and lm-eval
+# imported (ctdbench/warm.py), instead of spending ~5 s importing them; CTDBENCH_WARM=off disables it.
+onstart:
+    warm.start()
+
+
+onsuccess:
+    warm.stop()
+
+
+onerror:
+    warm.stop()

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ctdbench import allocator, recipe
+from ctdbench import allocator, recipe, warm
 from ctdbench.files import write_atomic, write_dir
 
 
@@ -392,7 +392,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def console() -> None:
-    """The ``ctdbench`` command: :func:`main`, and Ctrl-C ends in one line saying how to resume.
+    """The ``ctdbench`` command: in a fork of the workflow's warm process if there is one
+    (:mod:`ctdbench.warm`), else :func:`run_here`."""
+    if (code := warm.run(sys.argv[1:])) is not None:
+        sys.exit(code)
+    run_here()
+
+
+def run_here() -> None:
+    """:func:`main` on ``sys.argv``, and Ctrl-C ends in one line saying how to resume.
 
     (:func:`main` itself lets KeyboardInterrupt through, as a caller in Python expects.)
     """
