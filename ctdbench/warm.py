@@ -45,6 +45,8 @@ PRELOAD = (
 _HEADER = struct.Struct("!I")  # byte length of the JSON request that follows the streams
 _RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what the job's process passes on to its fork
 _server: subprocess.Popen | None = None
+# The server process: its command is the CLI's (which imports this module, not the other way round).
+_SERVER = "import sys; from ctdbench import cli, warm; warm.serve(sys.argv[1], int(sys.argv[2]), cli.run_here)"
 
 
 def run(argv: list[str]) -> int | None:
@@ -79,8 +81,9 @@ def run(argv: list[str]) -> int | None:
     return 1
 
 
-def serve(path: str, parent: int) -> None:
-    """Import :data:`PRELOAD`, then fork one child per connection on ``path`` until ``parent`` exits."""
+def serve(path: str, parent: int, command) -> None:
+    """Import :data:`PRELOAD`, then fork one child per connection on ``path`` until ``parent`` exits;
+    each runs ``command()`` (``ctdbench.cli.run_here``) on the job's ``sys.argv``."""
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -101,13 +104,13 @@ def serve(path: str, parent: int) -> None:
             sys.stdout.flush(), sys.stderr.flush()
             if os.fork() == 0:
                 listener.close()
-                _child(conn)
+                _child(conn, command)
             conn.close()
     finally:
         Path(path).unlink(missing_ok=True)
 
 
-def _child(conn: socket.socket) -> None:
+def _child(conn: socket.socket, command) -> None:
     """Become the job's process: its streams, folder, environment and arguments; never returns."""
     code = 1
     signal.pthread_sigmask(signal.SIG_BLOCK, _RELAYED)  # until the command runs (see _exit_code)
@@ -117,10 +120,7 @@ def _child(conn: socket.socket) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
         (size,) = _HEADER.unpack(header)
-        body = b""
-        while len(body) < size:
-            body += conn.recv(size - len(body))
-        request = json.loads(body)
+        request = json.loads(conn.makefile("rb").read(size))  # b"" if the job died meanwhile: an error
         if request["installation"] != _installation():
             conn.sendall(b"refused\n")
             os._exit(0)
@@ -133,7 +133,7 @@ def _child(conn: socket.socket) -> None:
         conn.sendall(f"pid {os.getpid()}\n".encode())
         threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
         sys.argv = ["ctdbench", *request["argv"]]
-        code = _exit_code()
+        code = _exit_code(command)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -157,15 +157,14 @@ def _installation() -> list[str]:
     return [sys.prefix, sys.version, str(Path(__file__).resolve().parent)]
 
 
-def _exit_code() -> int:
+def _exit_code(command) -> int:
     """Run the command as the console script does; its exit code as Python's own exit gives it."""
-    from ctdbench import cli
-
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _RELAYED)
-        cli.run_here()
-    except KeyboardInterrupt:  # a Ctrl-C relayed before the command began: as if it came just after
-        return cli._interrupted(cli.build_parser().parse_args())
+        command()
+    except KeyboardInterrupt:  # relayed before the command's own handler was in place: it stopped at once
+        print("ctdbench: interrupted before it began; rerun the same command (or snakemake)", file=sys.stderr)
+        return 130
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
@@ -180,7 +179,7 @@ def start() -> None:
     if os.environ.get(ENV) == "off":
         return
     path = os.path.join(tempfile.mkdtemp(prefix="ctdbench-warm-"), "socket")
-    _server = subprocess.Popen([sys.executable, "-m", "ctdbench.warm", path, str(os.getpid())],
+    _server = subprocess.Popen([sys.executable, "-c", _SERVER, path, str(os.getpid())],
                                stdin=subprocess.DEVNULL, start_new_session=True)
     os.environ[ENV] = path
 
@@ -197,6 +196,3 @@ def stop() -> None:
         Path(path).unlink(missing_ok=True)
         Path(path).parent.rmdir()
 
-
-if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]))

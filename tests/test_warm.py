@@ -85,13 +85,27 @@ def test_the_command_runs_in_a_fork_with_the_jobs_folder_and_streams(server, tmp
     assert out.read_text().splitlines()[1] == "config file smoke.yaml: ok"  # relative to the job's folder
 
 
-def test_ctrl_c_reaches_the_fork_and_says_how_to_resume(server):
+def reading_a_pipe(pid: int) -> bool:
+    try:
+        return "pipe_read" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_ctrl_c_reaches_the_fork_and_says_how_to_resume(server, when):
     job = start("check-config", "/dev/stdin", cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    forked_child(server)
+    child, deadline = forked_child(server), time.monotonic() + 30
+    while when == "running" and not reading_a_pipe(child):  # the command waits on the job's stdin
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     job.send_signal(signal.SIGINT)
     _, stderr = job.communicate(timeout=30)
     assert job.returncode == 130
-    assert stderr.strip() == "ctdbench check-config: interrupted; rerun the same command (or snakemake) to run it again"
+    if when == "running":
+        assert stderr == "ctdbench check-config: interrupted; rerun the same command (or snakemake) to run it again\n"
+    else:  # possibly before the command began: it says so
+        assert "rerun the same command (or snakemake)" in stderr.splitlines()[-1]
 
 
 def test_a_killed_job_takes_its_fork_with_it(server):
