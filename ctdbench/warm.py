@@ -10,13 +10,13 @@ process would have, writing straight into the job's log. The job's process waits
 and termination to the child, and exits with the child's code.
 
 Nothing depends on it: without a server (no ``CTDBENCH_WARM`` socket, a cluster node, another
-Python environment, a server still importing) the command runs itself. Forking after the imports is safe for
-the same reason PyTorch's DataLoader workers are: the server never runs a torch operation, so no
-thread pool exists to be inherited. What the imported libraries read from the environment at
-import (e.g. ``HF_HUB_OFFLINE``) comes from the workflow's environment, which every job inherits
-anyway. A job's ``peak_rss_mb`` includes the server's imported modules (~0.6 GB), and the
-CPU and memory columns of Snakemake's ``benchmarks/*.tsv`` see only the waiting process (their wall
-time is the job's). ``CTDBENCH_WARM=off`` runs every command by itself.
+Python environment, a server still importing) the command runs itself. Forking after the imports
+is safe for the same reason PyTorch's DataLoader workers are: the server never runs a torch
+operation, so no thread pool exists to be inherited. What the imported libraries read from the
+environment at import (e.g. ``HF_HUB_OFFLINE``) comes from the workflow's environment, which
+every job inherits anyway. A job's ``peak_rss_mb`` includes every preloaded module, also those
+its stage does not use, and the CPU and memory columns of Snakemake's ``benchmarks/*.tsv`` see
+only the waiting process (their wall time is the job's). ``CTDBENCH_WARM=off`` runs every command by itself.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def _exit_code(command) -> int:
 def start() -> None:
     """Start the server for this process's jobs (they inherit ``CTDBENCH_WARM``); :func:`stop` ends it."""
     global _server
-    if os.environ.get(ENV) == "off":
+    if os.environ.get(ENV) == "off" or _server is not None:
         return
     path = os.path.join(tempfile.mkdtemp(prefix="ctdbench-warm-"), "socket")
     _server = subprocess.Popen([sys.executable, "-c", _SERVER, path, str(os.getpid())],
@@ -187,12 +187,11 @@ def start() -> None:
 def stop() -> None:
     """End the server started by :func:`start` (running children finish on their own)."""
     global _server
-    path = os.environ.pop(ENV, None)
-    if _server is not None:
-        _server.terminate()
-        _server.wait()
-        _server = None
-    if path:
-        Path(path).unlink(missing_ok=True)
-        Path(path).parent.rmdir()
-
+    if _server is None:
+        return
+    _server.terminate()
+    _server.wait()
+    _server = None
+    path = Path(os.environ.pop(ENV))
+    path.unlink(missing_ok=True)
+    path.parent.rmdir()
