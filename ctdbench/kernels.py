@@ -12,9 +12,9 @@ so a method file holds its paper's equations and the kernels here hold the speed
   The sort runs in numpy (exact, ~10x faster than ``torch.sort`` on CPU): the order and sorted
   values come from one int64 sort of packed value/column keys; the larger vocabulary is only
   partitioned to its top min(Vs, Vt) entries plus the summed rest, which is all that zero padding
-  compares; the gradient reaches its columns by one scatter of the slopes (:class:`_SortedL1`, a
-  hand-written backward); rows are sorted in blocks of ~4 MB spread over torch's threads (numpy's
-  sorts release the GIL).
+  compares; the forward scatters the gradient's signs to their columns and keeps them as int8,
+  1 byte per entry (:class:`_SortedL1`, a hand-written backward); rows are sorted in blocks of
+  ~4 MB spread over torch's threads (numpy's sorts release the GIL).
 """
 
 from __future__ import annotations
@@ -222,9 +222,10 @@ def _split_values(a: np.ndarray, k: int) -> np.ndarray:
 _HIGH, _LOW = (slice(1, None, 2), slice(0, None, 2)) if sys.byteorder == "little" else (slice(0, None, 2), slice(1, None, 2))
 
 
-def _order(a: np.ndarray, k: int, columns: np.ndarray, values: np.ndarray) -> None:
-    """Writes, per row of ``a`` [n, V], the k largest entries' columns in descending order of value,
-    then the other columns, to ``columns`` [n, V] int64, and the entries in that order to ``values``."""
+def _sort_keys(a: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``a`` [n, V] (non-negative float32), the k largest entries first, descending, then
+    the others: as int32 halves [n, 2V] of sort keys, ``[:, _HIGH]`` the complemented value bits and
+    ``[:, _LOW]`` the column."""
     # Non-negative float32 values order like their int32 bit patterns, so their complements order
     # them descending (numpy's argsort is not vectorised; its int64 sort is).
     n, V = a.shape
@@ -235,11 +236,31 @@ def _order(a: np.ndarray, k: int, columns: np.ndarray, values: np.ndarray) -> No
     if k < V:
         keys = np.partition(keys, k, axis=-1)
         keys[:, :k].sort(axis=-1)
-        halves = keys.view(np.int32)
     else:
         keys.sort(axis=-1)
+    return keys.view(np.int32)
+
+
+def _order(a: np.ndarray, k: int, columns: np.ndarray, values: np.ndarray) -> None:
+    """Writes, per row of ``a`` [n, V], the k largest entries' columns in descending order of value,
+    then the other columns, to ``columns`` [n, V] int64, and the entries in that order to ``values``."""
+    halves = _sort_keys(a, k)
     np.invert(halves[:, _HIGH], out=values.view(np.int32))
     np.copyto(columns, halves[:, _LOW])
+
+
+def _sorted_l1_rows(a: np.ndarray, top: np.ndarray, rest: np.ndarray, slope: np.ndarray) -> tuple:
+    """:class:`_SortedL1` of rows ``a`` [n, V] (float32): their distances [n] and the signs [n, k] of
+    their k largest entries minus ``top``; writes d distance / d a, in a's columns, into ``slope``."""
+    k = top.shape[1]
+    halves = _sort_keys(a, k)
+    ordered = np.invert(halves[:, _HIGH]).view(np.float32)
+    diff = ordered[:, :k] - top
+    dist = np.abs(diff).sum(-1) + ordered[:, k:].sum(-1) + rest
+    signs = np.sign(diff).astype(np.int8)
+    slope.fill(1)  # the columns outside the k largest add their mass
+    torch.from_numpy(slope).scatter_(-1, torch.from_numpy(halves[:, _LOW][:, :k]).long(), torch.from_numpy(signs))
+    return dist, signs
 
 
 def descending_order(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,30 +300,42 @@ def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _SortedL1(torch.autograd.Function):
-    """Per row: sum_{j < k} |p[idx_j] - top_j| + (the rest of p) + rest, with top [N, k], rest [N],
-    and ``ordered`` = p in the order idx (given, so the forward gathers nothing).
+    """Per row: sum_{j < k} |p_(j) - top_j| + (the rest of p) + rest, with top [N, k], rest [N] and
+    p_(j) the j-th largest entry of the row of p.
 
-    idx is a permutation of every row, so the gradient goes to p's columns by one scatter (no zero
-    fill, no accumulation) instead of autograd's gather and abs backward.
+    The gradient with respect to p is, in p's own columns, the sign of the difference at the k
+    largest entries and 1 at the others: it is saved as int8 [N, V], 1 byte per entry where the
+    order (int64) and the slopes (fp32) would take 12, so the backward is one multiply.
     """
 
     @staticmethod
-    def forward(ctx, p, idx, ordered, top, rest):
+    def forward(ctx, p, top, rest):
+        N, V = p.shape
         k = top.shape[1]
-        slope = torch.ones_like(ordered)  # d dist / d ordered
-        diff = torch.sub(ordered[:, :k], top, out=slope[:, :k])
-        dist = diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest
-        diff.sign_()
-        ctx.save_for_backward(idx, slope)
-        ctx.k = k
+        if p.device.type != "cpu" or p.dtype != torch.float32 or N == 0:  # GPU; float64 (tests)
+            columns = p.sort(dim=-1, descending=True, stable=True).indices
+            ordered = p.gather(-1, columns)
+            diff = ordered[:, :k] - top
+            dist = diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest
+            signs = diff.sign().to(torch.int8)
+            slope = torch.ones_like(p, dtype=torch.int8).scatter_(-1, columns[:, :k], signs)
+        else:
+            x, t, r = (v.contiguous().numpy() for v in (p, top.float(), rest.float()))
+            slope, signs, dist = np.empty((N, V), np.int8), np.empty((N, k), np.int8), np.empty(N, np.float32)
+
+            def rows(sl):
+                dist[sl], signs[sl] = _sorted_l1_rows(x[sl], t[sl], r[sl], slope[sl])
+            _map(rows, _sort_blocks(N, V, 8))
+            slope, signs, dist = torch.from_numpy(slope), torch.from_numpy(signs), torch.from_numpy(dist)
+        ctx.save_for_backward(slope, signs)
         return dist
 
     @staticmethod
     def backward(ctx, g):
-        idx, slope = ctx.saved_tensors
-        d = slope * g[:, None]  # not in place: a retained graph may run this backward again
-        return (torch.empty_like(d).scatter_(-1, idx, d) if ctx.needs_input_grad[0] else None, None, None,
-                -d[:, : ctx.k] if ctx.needs_input_grad[3] else None, g if ctx.needs_input_grad[4] else None)
+        slope, signs = ctx.saved_tensors
+        g = g[:, None]
+        return (slope * g if ctx.needs_input_grad[0] else None,
+                -signs * g if ctx.needs_input_grad[1] else None, g[:, 0] if ctx.needs_input_grad[2] else None)
 
 
 def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
@@ -325,7 +358,7 @@ def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
 def sorted_l1_to_split(p: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     """:func:`sorted_l1` of ``p`` [N, V] against a distribution given by :func:`split_sorted` (its
     k <= V largest entries, descending, and the sum of the rest)."""
-    return _SortedL1.apply(p, *descending_order(p, top.shape[1]), top, rest)
+    return _SortedL1.apply(p, top, rest)
 
 
 def scaled_rows(z: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
