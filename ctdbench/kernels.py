@@ -160,6 +160,13 @@ def _logsumexp(x_max: torch.Tensor, softmax_x: torch.Tensor) -> torch.Tensor:
     return x_max - softmax_x.amax(-1).log()
 
 
+def row_blocks(n: int, width: int, elements: int | None = None) -> list[slice]:
+    """Slices of ``n`` rows of ``width`` entries, about ``elements`` (default :data:`FUSED_BLOCK`)
+    entries each, at least one row: the unit of kernels that never build a whole [n, width] tensor."""
+    step = max(1, (elements or FUSED_BLOCK) // max(1, width))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def _row_blocks(z: torch.Tensor):
     step = max(1, FUSED_BLOCK // z.shape[-1])
     for r0 in range(0, len(z), step):

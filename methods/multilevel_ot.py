@@ -68,7 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctdbench.kernels import target_rows, token_cross_entropy
+from ctdbench.kernels import row_blocks, target_rows, token_cross_entropy
 from methods import register
 from methods.base import DistillationMethod
 
@@ -111,7 +111,7 @@ class TopProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, rows, k, temperature):
-        parts = [_top_block(logits, rows[sl], k, temperature) for sl in _row_blocks(rows, logits.shape[-1])]
+        parts = [_top_block(logits, rows[sl], k, temperature) for sl in row_blocks(len(rows), logits.shape[-1], ROW_BLOCK)]
         top, idx, mean, std, c = (torch.cat(t) for t in zip(*parts)) if parts else _empty(logits, k)
         ctx.save_for_backward(logits, rows, idx, top, mean, std, c)
         return top
@@ -121,7 +121,7 @@ class TopProbs(torch.autograd.Function):
         logits, rows, idx, top, mean, std, c = ctx.saved_tensors
         grad = torch.zeros_like(logits)
         V = logits.shape[-1]
-        for sl in _row_blocks(rows, V):
+        for sl in row_blocks(len(rows), V, ROW_BLOCK):
             x, gt = _rows(logits, rows[sl]), g[sl] * top[sl]
             # softmax: dz = p * (dp - sum(dp * p)), dp non-zero only at the kept columns
             dz = (x * c[sl]).softmax(-1).mul_(-gt.sum(-1, keepdim=True)).scatter_add_(-1, idx[sl], gt)
@@ -135,11 +135,6 @@ class TopProbs(torch.autograd.Function):
 def _rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     x = logits.index_select(0, rows)  # not logits[rows]: advanced indexing is ~3x slower on CPU
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _row_blocks(rows: torch.Tensor, V: int) -> list[slice]:
-    step = max(1, ROW_BLOCK // max(1, V))
-    return [slice(i, i + step) for i in range(0, len(rows), step)]
 
 
 def _top_block(logits, rows, k, temperature):
