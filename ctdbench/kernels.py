@@ -306,34 +306,42 @@ def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ordered[:, :k], ordered[:, k:].sum(-1)
 
 
+def _sorted_l1_forward(rows_of_p, N: int, V: int, top: torch.Tensor, rest: torch.Tensor, numpy_sort: bool):
+    """The distances [N] of :class:`_SortedL1`, and what its backward needs: d distance / d p in p's
+    own columns as int8 [N, V] (the sign of the difference at the k largest entries, 1 at the
+    others) and the signs [N, k] in rank order. ``rows_of_p(sl)`` gives the rows ``sl`` of p [n, V];
+    with ``numpy_sort`` (CPU float32) block by block on torch's threads, else in one torch sort."""
+    k = top.shape[1]
+    if numpy_sort and N > 0:
+        t, r = top.float().contiguous().numpy(), rest.float().contiguous().numpy()
+        slope, signs, dist = np.empty((N, V), np.int8), np.empty((N, k), np.int8), np.empty(N, np.float32)
+
+        @torch.no_grad()  # grad mode is per thread: a worker's would be on
+        def block(sl):
+            dist[sl], signs[sl] = _sorted_l1_rows(rows_of_p(sl).contiguous().numpy(), t[sl], r[sl], slope[sl])
+        _map(block, _sort_blocks(N, V, 8))
+        return torch.from_numpy(dist), torch.from_numpy(slope), torch.from_numpy(signs)
+    p = rows_of_p(slice(0, N))
+    columns = p.sort(dim=-1, descending=True, stable=True).indices
+    ordered = p.gather(-1, columns)
+    diff = ordered[:, :k] - top
+    signs = diff.sign().to(torch.int8)
+    slope = torch.ones_like(p, dtype=torch.int8).scatter_(-1, columns[:, :k], signs)
+    return diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest, slope, signs
+
+
 class _SortedL1(torch.autograd.Function):
     """Per row: sum_{j < k} |p_(j) - top_j| + (the rest of p) + rest, with top [N, k], rest [N] and
     p_(j) the j-th largest entry of the row of p.
 
-    The gradient with respect to p is, in p's own columns, the sign of the difference at the k
-    largest entries and 1 at the others: it is saved as int8 [N, V], 1 byte per entry where the
-    order (int64) and the slopes (fp32) would take 12, so the backward is one multiply.
+    The gradient with respect to p is saved as int8 [N, V] (:func:`_sorted_l1_forward`), 1 byte per
+    entry where the order (int64) and the slopes (fp32) would take 12: the backward is one multiply.
     """
 
     @staticmethod
     def forward(ctx, p, top, rest):
-        N, V = p.shape
-        k = top.shape[1]
-        if p.device.type != "cpu" or p.dtype != torch.float32 or N == 0:  # GPU; float64 (tests)
-            columns = p.sort(dim=-1, descending=True, stable=True).indices
-            ordered = p.gather(-1, columns)
-            diff = ordered[:, :k] - top
-            dist = diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest
-            signs = diff.sign().to(torch.int8)
-            slope = torch.ones_like(p, dtype=torch.int8).scatter_(-1, columns[:, :k], signs)
-        else:
-            x, t, r = (v.contiguous().numpy() for v in (p, top.float(), rest.float()))
-            slope, signs, dist = np.empty((N, V), np.int8), np.empty((N, k), np.int8), np.empty(N, np.float32)
-
-            def rows(sl):
-                dist[sl], signs[sl] = _sorted_l1_rows(x[sl], t[sl], r[sl], slope[sl])
-            _map(rows, _sort_blocks(N, V, 8))
-            slope, signs, dist = torch.from_numpy(slope), torch.from_numpy(signs), torch.from_numpy(dist)
+        numpy_sort = p.device.type == "cpu" and p.dtype == torch.float32
+        dist, slope, signs = _sorted_l1_forward(lambda sl: p[sl], *p.shape, top, rest, numpy_sort)
         ctx.save_for_backward(slope, signs)
         return dist
 
@@ -343,6 +351,45 @@ class _SortedL1(torch.autograd.Function):
         g = g[:, None]
         return (slope * g if ctx.needs_input_grad[0] else None,
                 -signs * g if ctx.needs_input_grad[1] else None, g[:, 0] if ctx.needs_input_grad[2] else None)
+
+
+class _LogitsSortedL1(torch.autograd.Function):
+    """:class:`_SortedL1` of p = softmax(z[rows] / T) * scale[:, None], differentiable in z and scale.
+
+    The probabilities are built block by block of rows in the forward and again in the backward,
+    so no [N, V] tensor is kept but the int8 slopes: autograd through ``index_select``, the
+    softmax and the scaling kept p and built ~4 more in the backward (0.5 GB each at V = 248k and
+    512 rows). The only vocabulary-sized tensor of the backward is z's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, z, rows, temperature, top, rest, scale):
+        def rows_of_p(sl):
+            p = rows_probs(z, rows[sl], temperature)
+            return p if scale is None else p.mul_(scale[sl, None])
+        numpy_sort = z.device.type == "cpu" and z.dtype != torch.float64
+        dist, slope, signs = _sorted_l1_forward(rows_of_p, len(rows), z.shape[1], top, rest, numpy_sort)
+        ctx.save_for_backward(z, rows, scale, slope, signs)
+        ctx.temperature = temperature
+        return dist
+
+    @staticmethod
+    def backward(ctx, g):
+        z, rows, scale, slope, signs = ctx.saved_tensors
+        grad_z = torch.zeros_like(z)
+        grad_scale = None if scale is None else torch.empty_like(scale)
+        for sl in _sort_blocks(len(rows), z.shape[1]):
+            q = rows_probs(z, rows[sl], ctx.temperature)
+            dp = slope[sl] * g[sl, None].to(q.dtype)  # d distance / d p
+            qdp = torch.linalg.vecdot(dp, q)
+            if scale is not None:  # p = q * scale
+                grad_scale[sl] = qdp
+                dp.mul_(scale[sl, None])
+                qdp = qdp * scale[sl]
+            # softmax: d z = q * (dq - sum(dq * q)) / T
+            grad_z.index_add_(0, rows[sl], dp.sub_(qdp[:, None]).mul_(q).div_(ctx.temperature).to(z.dtype))
+        return (grad_z, None, None, -signs * g[:, None] if ctx.needs_input_grad[3] else None,
+                g if ctx.needs_input_grad[4] else None, grad_scale)
 
 
 def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
@@ -366,6 +413,18 @@ def sorted_l1_to_split(p: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -
     """:func:`sorted_l1` of ``p`` [N, V] against a distribution given by :func:`split_sorted` (its
     k <= V largest entries, descending, and the sum of the rest)."""
     return _SortedL1.apply(p, top, rest)
+
+
+def sorted_l1_of_logits(z: torch.Tensor, rows: torch.Tensor, temperature: float, top: torch.Tensor,
+                        rest: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`sorted_l1_to_split` of p = softmax(z[rows] / T), each row times ``scale`` if given,
+    without keeping p (:class:`_LogitsSortedL1`).
+
+    Args:
+        z: [R, V] logits; rows: [N] row indices; top [N, k], rest [N]: the other side's split.
+        scale: [N] positive factors of the rows (differentiable), or None.
+    """
+    return _LogitsSortedL1.apply(z, rows, temperature, top, rest, scale)
 
 
 def scaled_rows(z: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
