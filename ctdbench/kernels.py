@@ -12,9 +12,9 @@ so a method file holds its paper's equations and the kernels here hold the speed
   The sort runs in numpy (exact, ~10x faster than ``torch.sort`` on CPU): the order and sorted
   values come from one int64 sort of packed value/column keys; the larger vocabulary is only
   partitioned to its top min(Vs, Vt) entries plus the summed rest, which is all that zero padding
-  compares; the gradient reaches its columns by one scatter of the slopes (:class:`_SortedL1`, a
-  hand-written backward); rows are sorted in blocks of ~4 MB spread over torch's threads (numpy's
-  sorts release the GIL).
+  compares; the forward scatters the gradient's signs to their columns and keeps them as int8,
+  1 byte per entry (:class:`_SortedL1`, a hand-written backward); rows are sorted in blocks of
+  ~4 MB spread over torch's threads (numpy's sorts release the GIL).
 """
 
 from __future__ import annotations
@@ -160,6 +160,13 @@ def _logsumexp(x_max: torch.Tensor, softmax_x: torch.Tensor) -> torch.Tensor:
     return x_max - softmax_x.amax(-1).log()
 
 
+def row_blocks(n: int, width: int, elements: int | None = None) -> list[slice]:
+    """Slices of ``n`` rows of ``width`` entries, about ``elements`` (default :data:`FUSED_BLOCK`)
+    entries each, at least one row: the unit of kernels that never build a whole [n, width] tensor."""
+    step = max(1, (elements or FUSED_BLOCK) // max(1, width))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def _row_blocks(z: torch.Tensor):
     step = max(1, FUSED_BLOCK // z.shape[-1])
     for r0 in range(0, len(z), step):
@@ -222,9 +229,10 @@ def _split_values(a: np.ndarray, k: int) -> np.ndarray:
 _HIGH, _LOW = (slice(1, None, 2), slice(0, None, 2)) if sys.byteorder == "little" else (slice(0, None, 2), slice(1, None, 2))
 
 
-def _order(a: np.ndarray, k: int, columns: np.ndarray, values: np.ndarray) -> None:
-    """Writes, per row of ``a`` [n, V], the k largest entries' columns in descending order of value,
-    then the other columns, to ``columns`` [n, V] int64, and the entries in that order to ``values``."""
+def _sort_keys(a: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``a`` [n, V] (non-negative float32), the k largest entries first, descending, then
+    the others: as int32 halves [n, 2V] of sort keys, ``[:, _HIGH]`` the complemented value bits and
+    ``[:, _LOW]`` the column."""
     # Non-negative float32 values order like their int32 bit patterns, so their complements order
     # them descending (numpy's argsort is not vectorised; its int64 sort is).
     n, V = a.shape
@@ -235,11 +243,31 @@ def _order(a: np.ndarray, k: int, columns: np.ndarray, values: np.ndarray) -> No
     if k < V:
         keys = np.partition(keys, k, axis=-1)
         keys[:, :k].sort(axis=-1)
-        halves = keys.view(np.int32)
     else:
         keys.sort(axis=-1)
+    return keys.view(np.int32)
+
+
+def _order(a: np.ndarray, k: int, columns: np.ndarray, values: np.ndarray) -> None:
+    """Writes, per row of ``a`` [n, V], the k largest entries' columns in descending order of value,
+    then the other columns, to ``columns`` [n, V] int64, and the entries in that order to ``values``."""
+    halves = _sort_keys(a, k)
     np.invert(halves[:, _HIGH], out=values.view(np.int32))
     np.copyto(columns, halves[:, _LOW])
+
+
+def _sorted_l1_rows(a: np.ndarray, top: np.ndarray, rest: np.ndarray, slope: np.ndarray) -> tuple:
+    """:class:`_SortedL1` of rows ``a`` [n, V] (float32): their distances [n] and the signs [n, k] of
+    their k largest entries minus ``top``; writes d distance / d a, in a's columns, into ``slope``."""
+    k = top.shape[1]
+    halves = _sort_keys(a, k)
+    ordered = np.invert(halves[:, _HIGH]).view(np.float32)
+    diff = ordered[:, :k] - top
+    dist = np.abs(diff).sum(-1) + ordered[:, k:].sum(-1) + rest
+    signs = np.sign(diff).astype(np.int8)
+    slope.fill(1)  # the columns outside the k largest add their mass
+    torch.from_numpy(slope).scatter_(-1, torch.from_numpy(halves[:, _LOW][:, :k]).long(), torch.from_numpy(signs))
+    return dist, signs
 
 
 def descending_order(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,31 +306,90 @@ def split_sorted(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ordered[:, :k], ordered[:, k:].sum(-1)
 
 
-class _SortedL1(torch.autograd.Function):
-    """Per row: sum_{j < k} |p[idx_j] - top_j| + (the rest of p) + rest, with top [N, k], rest [N],
-    and ``ordered`` = p in the order idx (given, so the forward gathers nothing).
+def _sorted_l1_forward(rows_of_p, N: int, V: int, top: torch.Tensor, rest: torch.Tensor, numpy_sort: bool):
+    """The distances [N] of :class:`_SortedL1`, and what its backward needs: d distance / d p in p's
+    own columns as int8 [N, V] (the sign of the difference at the k largest entries, 1 at the
+    others) and the signs [N, k] in rank order. ``rows_of_p(sl)`` gives the rows ``sl`` of p [n, V];
+    with ``numpy_sort`` (CPU float32) block by block on torch's threads, else in one torch sort."""
+    k = top.shape[1]
+    if numpy_sort and N > 0:
+        t, r = top.float().contiguous().numpy(), rest.float().contiguous().numpy()
+        slope, signs, dist = np.empty((N, V), np.int8), np.empty((N, k), np.int8), np.empty(N, np.float32)
 
-    idx is a permutation of every row, so the gradient goes to p's columns by one scatter (no zero
-    fill, no accumulation) instead of autograd's gather and abs backward.
+        @torch.no_grad()  # grad mode is per thread: a worker's would be on
+        def block(sl):
+            dist[sl], signs[sl] = _sorted_l1_rows(rows_of_p(sl).contiguous().numpy(), t[sl], r[sl], slope[sl])
+        _map(block, _sort_blocks(N, V, 8))
+        return torch.from_numpy(dist), torch.from_numpy(slope), torch.from_numpy(signs)
+    p = rows_of_p(slice(0, N))
+    columns = p.sort(dim=-1, descending=True, stable=True).indices
+    ordered = p.gather(-1, columns)
+    diff = ordered[:, :k] - top
+    signs = diff.sign().to(torch.int8)
+    slope = torch.ones_like(p, dtype=torch.int8).scatter_(-1, columns[:, :k], signs)
+    return diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest, slope, signs
+
+
+class _SortedL1(torch.autograd.Function):
+    """Per row: sum_{j < k} |p_(j) - top_j| + (the rest of p) + rest, with top [N, k], rest [N] and
+    p_(j) the j-th largest entry of the row of p.
+
+    The gradient with respect to p is saved as int8 [N, V] (:func:`_sorted_l1_forward`), 1 byte per
+    entry where the order (int64) and the slopes (fp32) would take 12: the backward is one multiply.
     """
 
     @staticmethod
-    def forward(ctx, p, idx, ordered, top, rest):
-        k = top.shape[1]
-        slope = torch.ones_like(ordered)  # d dist / d ordered
-        diff = torch.sub(ordered[:, :k], top, out=slope[:, :k])
-        dist = diff.abs().sum(-1) + ordered[:, k:].sum(-1) + rest
-        diff.sign_()
-        ctx.save_for_backward(idx, slope)
-        ctx.k = k
+    def forward(ctx, p, top, rest):
+        numpy_sort = p.device.type == "cpu" and p.dtype == torch.float32
+        dist, slope, signs = _sorted_l1_forward(lambda sl: p[sl], *p.shape, top, rest, numpy_sort)
+        ctx.save_for_backward(slope, signs)
         return dist
 
     @staticmethod
     def backward(ctx, g):
-        idx, slope = ctx.saved_tensors
-        d = slope * g[:, None]  # not in place: a retained graph may run this backward again
-        return (torch.empty_like(d).scatter_(-1, idx, d) if ctx.needs_input_grad[0] else None, None, None,
-                -d[:, : ctx.k] if ctx.needs_input_grad[3] else None, g if ctx.needs_input_grad[4] else None)
+        slope, signs = ctx.saved_tensors
+        g = g[:, None]
+        return (slope * g if ctx.needs_input_grad[0] else None,
+                -signs * g if ctx.needs_input_grad[1] else None, g[:, 0] if ctx.needs_input_grad[2] else None)
+
+
+class _LogitsSortedL1(torch.autograd.Function):
+    """:class:`_SortedL1` of p = softmax(z[rows] / T) * scale[:, None], differentiable in z and scale.
+
+    The probabilities are built block by block of rows in the forward and again in the backward,
+    so no [N, V] tensor is kept but the int8 slopes: autograd through ``index_select``, the
+    softmax and the scaling kept p and built ~4 more in the backward (0.5 GB each at V = 248k and
+    512 rows). The only vocabulary-sized tensor of the backward is z's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, z, rows, temperature, top, rest, scale):
+        def rows_of_p(sl):
+            p = rows_probs(z, rows[sl], temperature)
+            return p if scale is None else p.mul_(scale[sl, None])
+        numpy_sort = z.device.type == "cpu" and z.dtype != torch.float64
+        dist, slope, signs = _sorted_l1_forward(rows_of_p, len(rows), z.shape[1], top, rest, numpy_sort)
+        ctx.save_for_backward(z, rows, scale, slope, signs)
+        ctx.temperature = temperature
+        return dist
+
+    @staticmethod
+    def backward(ctx, g):
+        z, rows, scale, slope, signs = ctx.saved_tensors
+        grad_z = torch.zeros_like(z)
+        grad_scale = None if scale is None else torch.empty_like(scale)
+        for sl in _sort_blocks(len(rows), z.shape[1]):
+            q = rows_probs(z, rows[sl], ctx.temperature)
+            dp = slope[sl] * g[sl, None].to(q.dtype)  # d distance / d p
+            qdp = torch.linalg.vecdot(dp, q)
+            if scale is not None:  # p = q * scale
+                grad_scale[sl] = qdp
+                dp.mul_(scale[sl, None])
+                qdp = qdp * scale[sl]
+            # softmax: d z = q * (dq - sum(dq * q)) / T
+            grad_z.index_add_(0, rows[sl], dp.sub_(qdp[:, None]).mul_(q).div_(ctx.temperature).to(z.dtype))
+        return (grad_z, None, None, -signs * g[:, None] if ctx.needs_input_grad[3] else None,
+                g if ctx.needs_input_grad[4] else None, grad_scale)
 
 
 def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
@@ -325,7 +412,19 @@ def sorted_l1(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
 def sorted_l1_to_split(p: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     """:func:`sorted_l1` of ``p`` [N, V] against a distribution given by :func:`split_sorted` (its
     k <= V largest entries, descending, and the sum of the rest)."""
-    return _SortedL1.apply(p, *descending_order(p, top.shape[1]), top, rest)
+    return _SortedL1.apply(p, top, rest)
+
+
+def sorted_l1_of_logits(z: torch.Tensor, rows: torch.Tensor, temperature: float, top: torch.Tensor,
+                        rest: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`sorted_l1_to_split` of p = softmax(z[rows] / T), each row times ``scale`` if given,
+    without keeping p (:class:`_LogitsSortedL1`).
+
+    Args:
+        z: [R, V] logits; rows: [N] row indices; top [N, k], rest [N]: the other side's split.
+        scale: [N] positive factors of the rows (differentiable), or None.
+    """
+    return _LogitsSortedL1.apply(z, rows, temperature, top, rest, scale)
 
 
 def scaled_rows(z: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:

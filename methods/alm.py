@@ -41,7 +41,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ctdbench.align import chunk_index, span_chunks, target_chunks
-from ctdbench.kernels import logprob_cross_entropy
+from ctdbench.kernels import logprob_cross_entropy, row_blocks
 from methods import register
 from methods.base import DistillationMethod
 
@@ -98,10 +98,35 @@ def chunk_logprobs(logp: torch.Tensor, ids: torch.Tensor, chunk: torch.Tensor, s
     col_all = torch.where(chunk >= 0, chunk, n_chunks)
     last = torch.zeros(B, n_chunks + 1, dtype=torch.long, device=chunk.device).scatter_reduce_(
         1, col_all, pos, reduce="amax", include_self=True)[:, :n_chunks]
-    # log of the probability mass on the space set: a matrix-vector product with a 0/1 mask.
-    space_mass = logp.exp() @ space
+    space_mass = SpaceMass.apply(logp, space)
     sigma = space_mass.clamp_min(1e-30).log().clamp(max=0).gather(1, last)
     return L, n, sigma
+
+
+class SpaceMass(torch.autograd.Function):
+    """exp(logp) @ space: the probability mass on the space set at each position of logp [..., V]
+    (a matrix-vector product with the 0/1 mask ``space`` [V]).
+
+    Row block by row block, and the backward recomputes the exponentials from ``logp`` (kept for
+    the softmax's backward anyway): autograd through ``exp`` and the product kept exp(logp) and
+    built two more [..., V] tensors in the backward, 0.5 GB each at V = 248k and 512 positions.
+    """
+
+    @staticmethod
+    def forward(ctx, logp, space):
+        ctx.save_for_backward(logp, space)
+        flat = logp.flatten(0, -2)
+        blocks = [flat[sl].exp() @ space for sl in row_blocks(len(flat), flat.shape[-1])]
+        return torch.cat(blocks or [flat.new_zeros(0)]).view(logp.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        logp, space = ctx.saved_tensors
+        flat, g = logp.flatten(0, -2), g.reshape(-1, 1)
+        grad = torch.empty_like(flat)
+        for sl in row_blocks(len(flat), flat.shape[-1]):
+            torch.mul(flat[sl].exp(), space, out=grad[sl]).mul_(g[sl])
+        return grad.view_as(logp), None
 
 
 def merge_by_space_prob(LT, LS, n, sT, sS, threshold: float):

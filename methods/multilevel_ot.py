@@ -23,10 +23,12 @@ logits of one position, fp32:
     KD = mean_b L_abs[b] + 0.1 L_log + 0.1 L_sk
     L  = 1.0 * CE(student) + 1.5 * KD
 
-Gradients flow through P_S, C_b and the Sinkhorn iterations (autograd, as the official loop). The
-Sinkhorn is POT's batched Bregman projection (``ot.batch``, torch backend, ``grad="autodiff"``):
-it scales rows first and starts from K, exactly the official update order, so 10 iterations give
-the official plan (marginals of ones, not 1/L: the cost grows with L, as in the official code).
+Gradients flow through P_S, C_b and the Sinkhorn iterations (autograd, as the official loop;
+P_S's own backward through the top-k, softmax and scaling is hand-written and runs row block by
+row block, so that no [N, V] intermediate is kept: ``TopProbs``). The Sinkhorn is POT's batched
+Bregman projection (``ot.batch``, torch backend, ``grad="autodiff"``): it scales rows first and
+starts from K, exactly the official update order, so 10 iterations give the official plan
+(marginals of ones, not 1/L: the cost grows with L, as in the official code).
 
 Official-code history, and what is followed:
     - Sorting. Paper-era code (77e32ae, d8d298f) sorts each position's distribution in descending
@@ -66,7 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctdbench.kernels import target_rows, token_cross_entropy
+from ctdbench.kernels import row_blocks, target_rows, token_cross_entropy
 from methods import register
 from methods.base import DistillationMethod
 
@@ -86,52 +88,69 @@ def top_probs(logits: torch.Tensor, target: torch.Tensor, width: int, k: int, te
     """
     B = logits.shape[0]
     b, j = (target >= 0).nonzero(as_tuple=True)
-    rows = logits.flatten(0, 1).index_select(0, b * logits.shape[1] + target[b, j])  # [N, V]
-    rows = rows if rows.dtype == torch.float64 else rows.float()                 # fp32 at least
-    probs = StdScale.apply(rows, temperature).softmax(-1)
-    k_kept = min(k, rows.shape[-1])
-    if probs.requires_grad:
-        # A positive per-row scale keeps the order: top-k of the raw logits.
-        top = probs.gather(-1, top_indices(rows.detach(), k_kept))
-    else:
-        top = top_values(probs, k_kept)
+    top = TopProbs.apply(logits.flatten(0, 1), b * logits.shape[1] + target[b, j], min(k, logits.shape[-1]),
+                         temperature)
     top = F.pad(top, (0, k - top.shape[-1]))  # a vocabulary smaller than k: zero-padded, as officially
     return top.new_zeros(B, width, k).index_put((b, j), top)
 
 
-class StdScale(torch.autograd.Function):
-    """x / ((std(x) + 1e-4) T) per row (unbiased std over the last dimension, no centring of x).
+ROW_BLOCK = 1 << 22  # elements of one block of rows (16 MB of fp32)
 
-    The same function as ``x / ((x.std(-1, keepdim=True) + 1e-4) * T)``, with a hand-written
-    backward: autograd's, through the broadcast mean, subtraction and division, makes several
-    full-size temporaries and is ~5x slower on CPU. A constant row (std 0) gets no gradient
-    through its std (torch's would be NaN).
+
+class TopProbs(torch.autograd.Function):
+    """The k largest entries, descending, of softmax(x / ((std(x) + 1e-4) T)) for each row x of
+    ``logits[rows]`` (fp32 at least; unbiased std over the vocabulary, no centring of x).
+
+    Forward and backward run block by block of rows, the backward recomputing each block's
+    probabilities, so no [N, V] intermediate is kept or even built whole: at V = 248k, autograd
+    through ``index_select``, the scaling, the softmax and ``gather`` held ~6 of them (0.5 GB
+    each at 512 rows). The only vocabulary-sized tensor is the logits' gradient. The backward is
+    the chain rule through ``gather`` (only the k kept columns receive a gradient), the softmax
+    and the scaling; a constant row (std 0) gets no gradient through its std (torch's would be NaN).
     """
 
     @staticmethod
-    def forward(ctx, x, temperature):
-        mean = x.mean(-1, keepdim=True)
-        d = x - mean
-        std = (torch.linalg.vecdot(d, d)[:, None] / (x.shape[-1] - 1)).sqrt()
-        c = ((std + 1e-4) * temperature).reciprocal()
-        ctx.save_for_backward(x, mean, std, c)
-        return x * c
+    def forward(ctx, logits, rows, k, temperature):
+        parts = [_top_block(logits, rows[sl], k, temperature) for sl in row_blocks(len(rows), logits.shape[-1], ROW_BLOCK)]
+        top, idx, mean, std, c = (torch.cat(t) for t in zip(*parts)) if parts else _empty(logits, k)
+        ctx.save_for_backward(logits, rows, idx, top, mean, std, c)
+        return top
 
     @staticmethod
     def backward(ctx, g):
-        x, mean, std, c = ctx.saved_tensors
-        # d z_v / d x_u = c [u = v] + x_v dc/dstd (x_u - mean) / ((V - 1) std),  dc/dstd = -c / (std + 1e-4)
-        coef = -torch.linalg.vecdot(g, x)[:, None] * c / ((std + 1e-4) * (x.shape[-1] - 1) * std)
-        coef = torch.where(std > 0, coef, 0.0)
-        return (g * c).addcmul_(x - mean, coef), None
+        logits, rows, idx, top, mean, std, c = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        V = logits.shape[-1]
+        for sl in row_blocks(len(rows), V, ROW_BLOCK):
+            x, gt = _rows(logits, rows[sl]), g[sl] * top[sl]
+            # softmax: dz = p * (dp - sum(dp * p)), dp non-zero only at the kept columns
+            dz = (x * c[sl]).softmax(-1).mul_(-gt.sum(-1, keepdim=True)).scatter_add_(-1, idx[sl], gt)
+            # scaling z = x c(x), c = 1 / ((std(x) + 1e-4) T): dc/dstd = -c / (std + 1e-4)
+            s = std[sl]
+            coef = torch.where(s > 0, -torch.linalg.vecdot(dz, x)[:, None] * c[sl] / ((s + 1e-4) * (V - 1) * s), 0.0)
+            grad.index_add_(0, rows[sl], dz.mul_(c[sl]).addcmul_(x - mean[sl], coef).to(grad.dtype))
+        return grad, None, None, None
 
 
-def top_values(p: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest entries of every row of ``p`` [N, V] in descending order (no gradient)."""
-    if p.device.type != "cpu" or len(p) == 0:
-        return p.topk(k, -1).values
-    V = p.shape[-1]
-    return torch.from_numpy(np.sort(np.partition(p.numpy(), V - k, axis=-1)[:, V - k:], axis=-1)[:, ::-1].copy())
+def _rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    x = logits.index_select(0, rows)  # not logits[rows]: advanced indexing is ~3x slower on CPU
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _top_block(logits, rows, k, temperature):
+    """:class:`TopProbs`'s forward of one block: top [n, k], their columns, and mean, std, c [n, 1]."""
+    x = _rows(logits, rows)
+    mean = x.mean(-1, keepdim=True)
+    d = x - mean
+    std = (torch.linalg.vecdot(d, d)[:, None] / (x.shape[-1] - 1)).sqrt()
+    c = ((std + 1e-4) * temperature).reciprocal()
+    idx = top_indices(x, k)  # a positive per-row scale keeps the order: top-k of the raw logits
+    return (x * c).softmax(-1).gather(-1, idx), idx, mean, std, c
+
+
+def _empty(logits, k):
+    x = logits.new_zeros(0, k, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    return x, torch.zeros(0, k, dtype=torch.long), x[:, :1], x[:, :1], x[:, :1]
 
 
 def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from ctdbench.align import chunk_index, span_chunks, target_chunks
-from ctdbench.kernels import rows_probs, scaled_rows, sorted_l1_to_split, target_rows, teacher_split, token_cross_entropy
+from ctdbench.kernels import scaled_rows, sorted_l1_of_logits, target_rows, teacher_split, token_cross_entropy
 from methods import register
 from methods.base import DistillationMethod
 
@@ -154,16 +154,15 @@ class ULD(DistillationMethod):
                 factor = log_chain_factors(t_logits, batch["teacher_input_ids"], batch["uld_pre_teacher"], b, c,
                                            row_t.shape[1], Tt).exp()
                 top_t.mul_(factor[:, None]), rest_t.mul_(factor)
-            p_s = rows_probs(s_logits.reshape(B * Ls, Vs), rs, Ts) * log_chain_factors(
-                s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1], Ts).exp()[:, None]
+            scale = log_chain_factors(s_logits, s_ids, batch["uld_pre_student"], b, c, row_s.shape[1], Ts).exp()
         else:
             # Official alignment: target j of the student against target j of the teacher.
             (rows_s, n_s), (rows_t, n_t) = target_rows(s_mask), target_rows(batch["teacher_loss_mask"])
             n = torch.minimum(n_s, n_t)
             b, j = (torch.arange(int(n.max()), device=n.device) < n[:, None]).nonzero(as_tuple=True)
             top_t, rest_t = teacher_split(t_logits.reshape(B * Lt, Vt), b * Lt + rows_t[b, j], Tt, k)
-            p_s = rows_probs(s_logits.reshape(B * Ls, Vs), b * Ls + rows_s[b, j], Ts)
-        dist = sorted_l1_to_split(p_s, top_t, rest_t)
+            rs, scale = b * Ls + rows_s[b, j], None
+        dist = sorted_l1_of_logits(s_logits.reshape(B * Ls, Vs), rs, Ts, top_t, rest_t, scale)
         rows = torch.zeros(B, device=dist.device).index_add_(0, b, torch.ones_like(dist))
         per_example = dist.new_zeros(B).index_add_(0, b, dist) / rows.clamp(min=1)
         uld = per_example.sum() / (rows > 0).sum().clamp(min=1)

@@ -12,7 +12,7 @@ from ctdbench.align import chunk_index, chunks
 from ctdbench.data import PairedDataset, Segment, Side, collate, segment_text
 from ctdbench.models import build_model
 from ctdbench.tokbytes import TokenSpans, token_bytes
-from methods.alm import alm_loss, chunk_ids, log1mexp, merge_by_space_prob
+from methods.alm import SpaceMass, alm_loss, chunk_ids, log1mexp, merge_by_space_prob
 from methods.base import MethodContext
 
 STUDENT = {"arch": "gpt_neox", "layers": 2, "hidden": 32, "heads": 2, "ffn": 64}
@@ -85,6 +85,28 @@ def test_alm_matches_naive_definition(seed, threshold):
                    threshold=threshold)
     want = naive_alm(tl, tids, tchunks, sl, sids, None, space_t, space_s, thr=threshold)
     assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_alm_gradient_matches_finite_differences(seed):
+    tl, tids, tch, _, sl, sids, sch = make_batch(seed, B=2, Lt=6, Ls=7, Vt=5, Vs=6)
+    space_t, space_s = mask([0, 3], 5).double(), mask([1, 2], 6).double()
+    teacher_logp = tl.double().log_softmax(-1)
+    loss = lambda s: alm_loss(teacher_logp, tids, tch, s.log_softmax(-1), sids, sch, space_t, space_s, tau=3.0)
+    assert torch.autograd.gradcheck(loss, (sl.double().requires_grad_(True),))
+
+
+def test_space_mass_and_its_gradient_match_autograd_of_the_definition(monkeypatch):
+    monkeypatch.setattr("ctdbench.kernels.FUSED_BLOCK", 40)  # several row blocks (2 rows each)
+    g = torch.Generator().manual_seed(0)
+    logp = (torch.randn(3, 5, 17, generator=g, dtype=torch.float64) * 3).log_softmax(-1)
+    space, w = mask([1, 2, 7, 11], 17).double(), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    a, b = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    got, want = SpaceMass.apply(a, space), b.exp() @ space
+    assert torch.allclose(got, want, rtol=1e-12)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-12)
 
 
 def test_merge_threshold_edges():

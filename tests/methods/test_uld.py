@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import methods
 from ctdbench import kernels
 from ctdbench.data import PairedDataset, Side, collate, segment_text
-from ctdbench.kernels import sorted_l1, split_sorted, teacher_split
+from ctdbench.kernels import sorted_l1, sorted_l1_of_logits, split_sorted, teacher_split
 from ctdbench.models import build_model
 from ctdbench.teacher import OnlineTeacher
 from ctdbench.tokbytes import TokenSpans, token_bytes
@@ -52,6 +52,31 @@ def test_sorted_l1_matches_definition_and_its_gradient(dtype, vs, vt):
     (got * w).sum().backward()
     (want * w).sum().backward()
     assert torch.allclose(a.grad, b.grad, atol=tol) and torch.allclose(c.grad, d.grad, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("block", [1 << 20, 100])  # one block; a few rows per block
+def test_sorted_l1_of_logits_matches_definition_and_its_gradients(monkeypatch, dtype, scaled, block):
+    monkeypatch.setattr(kernels, "SORT_BLOCK", block)
+    g = torch.Generator().manual_seed(block + scaled)
+    z = torch.randn(70, 30, generator=g, dtype=dtype) * 3
+    rows, T = torch.randperm(70, generator=g)[:50], 0.7
+    pt = rand_probs(g, 50, 45, dtype=dtype)
+    top, rest = split_sorted(pt, 30)
+    scale = torch.rand(50, generator=g, dtype=dtype) + 0.2 if scaled else None
+    z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    s1, s2 = (scale.clone().requires_grad_(True), scale.clone().requires_grad_(True)) if scaled else (None, None)
+    got = sorted_l1_of_logits(z1, rows, T, top, rest, s1)
+    p = (z2[rows] / T).softmax(-1)
+    want = definition(p * s2[:, None] if scaled else p, pt)
+    tol = 1e-5  # the probabilities are fp32 (scaled_rows) whatever the logits' dtype
+    assert torch.allclose(got, want, atol=tol, rtol=0)
+    w = torch.rand(50, generator=g, dtype=dtype)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    assert torch.allclose(z1.grad, z2.grad, atol=tol) and z1.grad[torch.isin(torch.arange(70), rows, invert=True)].abs().sum() == 0
+    assert not scaled or torch.allclose(s1.grad, s2.grad, atol=tol)
 
 
 def test_sorted_l1_zero_on_identical_and_invariant_to_permutations():
