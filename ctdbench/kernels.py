@@ -168,9 +168,8 @@ def row_blocks(n: int, width: int, elements: int | None = None) -> list[slice]:
 
 
 def _row_blocks(z: torch.Tensor):
-    step = max(1, FUSED_BLOCK // z.shape[-1])
-    for r0 in range(0, len(z), step):
-        yield r0, min(r0 + step, len(z)), z[r0:r0 + step].float()
+    for sl in row_blocks(len(z), z.shape[-1]):
+        yield sl.start, sl.stop, z[sl].float()
 
 
 def ce_kl(z: torch.Tensor, targets: torch.Tensor | None = None, target_fn=None, temperature: float = 1.0,
@@ -201,8 +200,7 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _sort_blocks(n: int, width: int, itemsize: int = 4) -> list[slice]:
-    step = max(1, SORT_BLOCK * 4 // (itemsize * max(1, width)))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+    return row_blocks(n, width, SORT_BLOCK * 4 // itemsize)
 
 
 def _map(fn, items: list) -> list:
