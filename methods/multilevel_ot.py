@@ -111,8 +111,9 @@ class TopProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, rows, k, temperature):
-        parts = [_top_block(logits, rows[sl], k, temperature) for sl in row_blocks(len(rows), logits.shape[-1], ROW_BLOCK)]
-        top, idx, mean, std, c = (torch.cat(t) for t in zip(*parts)) if parts else _empty(logits, k)
+        blocks = row_blocks(len(rows), logits.shape[-1], ROW_BLOCK) or [slice(0, 0)]  # no rows: empty results
+        top, idx, mean, std, c = (torch.cat(t) for t in zip(*(_top_block(logits, rows[sl], k, temperature)
+                                                               for sl in blocks)))
         ctx.save_for_backward(logits, rows, idx, top, mean, std, c)
         return top
 
@@ -146,11 +147,6 @@ def _top_block(logits, rows, k, temperature):
     c = ((std + 1e-4) * temperature).reciprocal()
     idx = top_indices(x, k)  # a positive per-row scale keeps the order: top-k of the raw logits
     return (x * c).softmax(-1).gather(-1, idx), idx, mean, std, c
-
-
-def _empty(logits, k):
-    x = logits.new_zeros(0, k, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    return x, torch.zeros(0, k, dtype=torch.long), x[:, :1], x[:, :1], x[:, :1]
 
 
 def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
